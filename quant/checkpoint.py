@@ -1,0 +1,147 @@
+"""Packed quantized checkpoints and real size accounting.
+
+A checkpoint is a folder with `model.safetensors` (packed integer weights, scales, zero points,
+static activation scales and every unquantized tensor, stored once even when tied) and
+`quant_config.json` (the scheme of each quantized layer; also in the safetensors metadata).
+`quantized_size_bytes` sums exactly the tensors that `save_quantized` writes, so it equals the
+file size minus the safetensors header.
+"""
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .modules import QuantLinear, is_conv1d, quant_modules
+from .packing import pack, unpack
+from .scheme import QScheme
+
+FORMAT = "quant-workbench/1"
+
+
+def _owned_keys(name: str) -> tuple:
+    return (f"{name}.weight", f"{name}.weight_quant.", f"{name}.act_quant.")
+
+
+def export_tensors(model: torch.nn.Module):
+    """(tensors to save, config): packed codes per quantized layer plus the remaining state."""
+    tensors, layers = {}, {}
+    qmods = quant_modules(model)
+    for name, m in qmods.items():
+        wq, s = m.weight_quant, m.weight_quant.scheme
+        codes = wq.int_repr(m.weight).to(torch.int16) - s.qmin
+        tensors[f"{name}.qweight"] = pack(codes, s.bits)
+        tensors[f"{name}.weight_scale"] = wq.scale.detach().float().contiguous()
+        if not s.symmetric:  # a symmetric zero point follows from the scheme
+            tensors[f"{name}.weight_zero_point"] = (wq.zero_point - s.qmin).to(torch.uint8).contiguous()
+        act = None
+        if m.act_quant is not None:
+            act = m.act_quant.scheme.to_dict()
+            if not m.act_quant.scheme.dynamic:
+                tensors[f"{name}.act_scale"] = m.act_quant.scale.detach().float().contiguous()
+                tensors[f"{name}.act_zero_point"] = m.act_quant.zero_point.detach().float().contiguous()
+        layers[name] = {"weight": s.to_dict(), "act": act, "shape": [m.out_features, m.in_features],
+                        "layout": list(codes.shape), "bias": m.bias is not None}
+    owned = tuple(k for name in qmods for k in _owned_keys(name))
+    seen, tied = {}, {}
+    for key, t in model.state_dict(keep_vars=False).items():
+        if key.startswith(owned):
+            continue
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if t.numel() and ptr in seen:
+            tied[key] = seen[ptr]  # tied weights (e.g. lm_head / embeddings) are stored once
+            continue
+        seen[ptr] = key
+        tensors[key] = t.detach().contiguous()
+    return tensors, {"format": FORMAT, "layers": layers, "tied": tied}
+
+
+def quantized_size_bytes(model: torch.nn.Module) -> int:
+    tensors, _ = export_tensors(model)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def float_size_bytes(model: torch.nn.Module) -> int:
+    """Bytes of all parameters and buffers, counting shared storage once."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def save_quantized(model: torch.nn.Module, folder: str, extra: dict | None = None) -> str:
+    """Write the checkpoint folder atomically (built in a temporary folder, then renamed)."""
+    tensors, config = export_tensors(model)
+    config["extra"] = extra or {}
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        save_file({k: v.cpu() for k, v in tensors.items()}, os.path.join(tmp, "model.safetensors"),
+                  metadata={"quant_config": json.dumps(config)})
+        with open(os.path.join(tmp, "quant_config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+        if os.path.exists(folder):
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+@torch.no_grad()
+def load_quantized(model: torch.nn.Module, folder: str) -> torch.nn.Module:
+    """Load a checkpoint into `model`, a float model of the same architecture (its weights are
+    overwritten): the listed layers become QuantLinear with the saved codes and scales."""
+    path = os.path.join(folder, "model.safetensors")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no quantized checkpoint at {path}")
+    with safe_open(path, framework="pt") as f:
+        config = json.loads(f.metadata()["quant_config"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} checkpoint")
+    device = next(model.parameters()).device
+    for name, lc in config["layers"].items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"checkpoint does not match the model: it has no layer {name!r}") from None
+        if not (isinstance(module, torch.nn.Linear) or is_conv1d(module)):
+            raise ValueError(f"checkpoint layer {name} is a {type(module).__name__} in this model, expected a linear layer")
+        w_scheme = QScheme(**lc["weight"])
+        a_scheme = QScheme(**lc["act"]) if lc["act"] else None
+        out_f, in_f = lc["shape"]
+        q = QuantLinear(torch.zeros(out_f, in_f, device=device, dtype=torch.float32),
+                        torch.zeros(out_f, device=device) if lc["bias"] else None,
+                        w_scheme, a_scheme, fit_weight=False)
+        scale = tensors.pop(f"{name}.weight_scale").to(device)
+        zp_key = f"{name}.weight_zero_point"
+        zp = (tensors.pop(zp_key).float() + w_scheme.qmin) if zp_key in tensors else \
+            torch.full_like(scale, float((w_scheme.qmin + w_scheme.qmax + 1) // 2))
+        q.weight_quant.set_qparams(scale, zp.to(device))
+        numel = 1
+        for d in lc["layout"]:
+            numel *= d
+        codes = unpack(tensors.pop(f"{name}.qweight"), w_scheme.bits, numel).to(torch.int16) + w_scheme.qmin
+        q.weight.data = q.weight_quant.dequantize(codes.reshape(lc["layout"]).to(device), torch.Size(lc["shape"]))
+        q.weight.requires_grad_(False)
+        if a_scheme is not None and not a_scheme.dynamic:
+            q.act_quant.set_qparams(tensors.pop(f"{name}.act_scale").to(device), tensors.pop(f"{name}.act_zero_point").to(device))
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+    for alias, source in config["tied"].items():
+        tensors[alias] = tensors[source]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    owned = tuple(k for name in config["layers"] for k in _owned_keys(name))
+    missing = [k for k in missing if not k.startswith(owned)]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model

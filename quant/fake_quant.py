@@ -1,0 +1,84 @@
+"""Quantize / dequantize arithmetic and the fake-quant autograd functions (STE and LSQ).
+
+All functions take scale and zero point already shaped to broadcast against x (see
+QScheme.param_shape). The rounding matches PyTorch's fake-quantize kernels exactly:
+q = clamp(round_half_even(x * (1 / scale)) + zero_point, qmin, qmax).
+"""
+import torch
+
+
+def quantize(x, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
+    """Float -> integer codes (int8 for signed ranges, uint8 for unsigned, both up to 8 bits)."""
+    q = torch.round(x.float() * (1.0 / scale)) + zero_point
+    return q.clamp_(qmin, qmax).to(torch.int8 if qmin < 0 else torch.uint8)
+
+
+def dequantize(q, scale, zero_point) -> torch.Tensor:
+    return (q.float() - zero_point) * scale
+
+
+def _fq(x, scale, zero_point, qmin, qmax):
+    """Shared forward: fake-quantized x and the unclamped integer offsets r = round(x / s).
+    Clamping r to [qmin - zp, qmax - zp] is the same as clamping r + zp to [qmin, qmax] and
+    saves two passes over x."""
+    r = torch.round(x * (1.0 / scale))
+    lo, hi = qmin - zero_point, qmax - zero_point
+    return torch.clamp(r, lo, hi) * scale, r, lo, hi
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax):
+        out, r, lo, hi = _fq(x, scale, zero_point, qmin, qmax)
+        ctx.save_for_backward((r >= lo) & (r <= hi))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None
+
+
+def fake_quantize(x, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
+    """Quantize-dequantize with the straight-through estimator: gradient 1 inside the clipping
+    range, 0 outside; no gradient to scale or zero point."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _FakeQuantSTE.apply(x, scale, zero_point, qmin, qmax).to(x.dtype)
+    return _fq(x, scale, zero_point, qmin, qmax)[0].to(x.dtype)
+
+
+def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:
+    """Sum a broadcast gradient back to the shape of the parameter it came from."""
+    if t.shape == torch.Size(shape):
+        return t
+    dims = [i for i, (a, b) in enumerate(zip(t.shape, shape)) if b == 1 and a != 1] if len(shape) else list(range(t.dim()))
+    return t.sum(dim=dims, keepdim=len(shape) > 0).reshape(shape)
+
+
+class _LSQ(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, grad_scale):
+        out, r, lo, hi = _fq(x, scale, zero_point, qmin, qmax)
+        ctx.save_for_backward(x, scale, r, lo, hi)
+        ctx.grad_scale = grad_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, r, lo, hi = ctx.saved_tensors
+        below, above = r < lo, r > hi
+        inside = ~(below | above)
+        # d(out)/d(scale): round(x/s) - x/s inside the range (STE through round), the clipped
+        # integer bound outside it (Esser et al. 2020, eq. 3, with a zero point).
+        ds = torch.where(below, lo, torch.where(above, hi, r - x / scale))
+        grad_scale = _sum_to(grad * ds, scale.shape) * ctx.grad_scale
+        return grad * inside, grad_scale, None, None, None, None
+
+
+def lsq_fake_quantize(x, scale, zero_point, qmin: int, qmax: int, grad_scale: float | None = None):
+    """LSQ fake quantization: STE for x, learned step size `scale` with LSQ's gradient scaling
+    g = 1 / sqrt(elements per scale * qmax_positive_levels)."""
+    if grad_scale is None:
+        per_scale = x.numel() / max(scale.numel(), 1)
+        grad_scale = 1.0 / (per_scale * max(qmax - float(zero_point.max() if zero_point.numel() else 0), 1)) ** 0.5
+    return _LSQ.apply(x, scale, zero_point, qmin, qmax, grad_scale).to(x.dtype)

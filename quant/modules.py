@@ -1,0 +1,180 @@
+"""Quantized modules: the Quantizer (one tensor's fake quantization), QuantLinear (a Linear or
+GPT-2 Conv1D with a weight quantizer and an optional input-activation quantizer) and
+`quantize_linears`, which swaps them into any model by name.
+
+PTQ (the default): the weight is fake-quantized once when the module is built, so a
+weight-only forward is exactly a float F.linear. QAT (`qat=True`): the float weight is kept
+and fake-quantized on every forward so that gradients reach it.
+"""
+import fnmatch
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .fake_quant import dequantize, fake_quantize, lsq_fake_quantize, quantize
+from .observers import make_observer
+from .scheme import QScheme, check_finite, qparams_from_range
+
+
+class Quantizer(nn.Module):
+    """Fake-quantizes tensors under one scheme. Static schemes use a stored scale and zero point
+    (set from an observer); per-token schemes compute them on every call; `learnable=True`
+    makes the scale an LSQ parameter."""
+
+    def __init__(self, scheme: QScheme, learnable: bool = False):
+        super().__init__()
+        self.scheme = scheme
+        self.learnable = learnable
+        self.enabled = True
+        self.register_buffer("scale", None)
+        self.register_buffer("zero_point", None)
+
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        scale = scale.detach().float().clone()
+        for name in ("scale", "zero_point"):
+            self._parameters.pop(name, None)
+            self._buffers.pop(name, None)
+        if self.learnable:
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", zero_point.detach().float().clone())
+
+    def fit(self, x: torch.Tensor, observer: str = "minmax", **observer_kwargs) -> None:
+        """Set scale / zero point from one tensor (a weight)."""
+        obs = make_observer(observer, self.scheme, **observer_kwargs)
+        obs.observe(x)
+        scale, zp = obs.qparams()
+        self.set_qparams(scale.to(x.device), zp.to(x.device))
+
+    def _qparams(self, xl: torch.Tensor):
+        if self.scheme.dynamic:
+            with torch.no_grad():
+                return qparams_from_range(xl.amin(-1, keepdim=True), xl.amax(-1, keepdim=True), self.scheme)
+        if self.scale is None:
+            raise RuntimeError(f"quantizer ({self.scheme.describe()}) has no scale: calibrate it first")
+        return self.scale, self.zero_point
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        s = self.scheme
+        xl = s.to_layout(x)
+        scale, zp = self._qparams(xl)
+        if self.learnable:
+            # LSQ gradient scale: 1 / sqrt(elements per scale * positive levels)
+            positive_levels = s.qmax - (s.qmin + s.qmax + 1) // 2 if s.symmetric else s.qmax - s.qmin
+            g = (xl.numel() / scale.numel() * positive_levels) ** -0.5
+            y = lsq_fake_quantize(xl, scale, zp, s.qmin, s.qmax, g)
+        else:
+            y = fake_quantize(xl, scale, zp, s.qmin, s.qmax)
+        return s.from_layout(y, x.shape)
+
+    def int_repr(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes of x in the laid-out shape (for packing)."""
+        xl = self.scheme.to_layout(x.detach())
+        scale, zp = self._qparams(xl)
+        return quantize(xl, scale, zp, self.scheme.qmin, self.scheme.qmax)
+
+    def dequantize(self, q: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        return self.scheme.from_layout(dequantize(q, self.scale, self.zero_point), shape)
+
+    def extra_repr(self) -> str:
+        return self.scheme.describe() + (", lsq" if self.learnable else "")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face GPT-2's Conv1D (a linear layer with its weight stored as (in, out))."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+class QuantLinear(nn.Module):
+    """y = F.linear(act_quant(x), weight_quant(W), b). W is always held as (out, in)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, w_scheme: QScheme,
+                 a_scheme: QScheme | None = None, w_observer: str = "minmax", qat: bool = False,
+                 learnable: bool = False, fit_weight: bool = True, **observer_kwargs):
+        super().__init__()
+        if w_scheme.dynamic:
+            raise ValueError("weights cannot use dynamic per-token quantization")
+        check_finite(weight, "weight")
+        w_scheme.check_shape(weight.shape)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.weight = nn.Parameter(weight.detach().clone(memory_format=torch.contiguous_format), requires_grad=qat)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=qat)
+        self.weight_quant = Quantizer(w_scheme, learnable=learnable)
+        self.act_quant = None if a_scheme is None else Quantizer(a_scheme, learnable=learnable and not a_scheme.dynamic)
+        self.qat = qat
+        if fit_weight:  # False only when a checkpoint supplies the quantized weight and scales
+            self.weight_quant.fit(self.weight, w_observer, **observer_kwargs)
+            if not qat:
+                self.freeze()
+
+    @classmethod
+    def from_module(cls, module: nn.Module, w_scheme, a_scheme=None, **kwargs) -> "QuantLinear":
+        if isinstance(module, nn.Linear):
+            weight = module.weight
+        elif is_conv1d(module):
+            weight = module.weight.t()
+        else:
+            raise TypeError(f"cannot quantize a {type(module).__name__}: only nn.Linear and GPT-2 Conv1D")
+        return cls(weight, module.bias, w_scheme, a_scheme, **kwargs)
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Replace the weight by its quantized value once; forwards then cost a float matmul."""
+        self.weight.data = self.weight_quant(self.weight).detach()
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        if self.weight_quant.learnable:  # the learned step size becomes a fixed buffer
+            self.weight_quant.learnable = False
+            self.weight_quant.set_qparams(self.weight_quant.scale, self.weight_quant.zero_point)
+        self.qat = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_quant is not None:
+            x = self.act_quant(x)
+        w = self.weight
+        if self.qat:
+            if not self.weight_quant.learnable:
+                # STE QAT tracks the weights' current range
+                with torch.no_grad():
+                    self.weight_quant.fit(w)
+            w = self.weight_quant(w)
+        return F.linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, qat={self.qat}"
+
+
+def _matches(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def quantize_linears(model: nn.Module, w_scheme: QScheme, a_scheme: QScheme | None = None, *,
+                     include=("*",), skip=(), group_fallback: bool = False, **kwargs) -> dict:
+    """Swap every nn.Linear / Conv1D whose name matches `include` and no `skip` pattern (fnmatch
+    globs, e.g. "lm_head" or "*.mlp.*") for a QuantLinear, in place.
+
+    With group_fallback, a layer whose input dimension is smaller than the group size gets
+    per-channel quantization instead of an error. Returns {name: weight scheme used}.
+    """
+    swapped = {}
+    targets = [(n, m) for n, m in model.named_modules()
+               if n and (isinstance(m, nn.Linear) or is_conv1d(m)) and _matches(n, include) and not _matches(n, skip)]
+    for name, module in targets:
+        scheme = w_scheme
+        in_features = module.weight.shape[0] if is_conv1d(module) else module.weight.shape[1]
+        if group_fallback and scheme.granularity == "group" and scheme.group_size > in_features:
+            scheme = QScheme(scheme.bits, scheme.symmetric, scheme.signed, "channel", axis=0)
+        qmodule = QuantLinear.from_module(module, scheme, a_scheme, **kwargs)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, qmodule)
+        swapped[name] = scheme
+    return swapped
+
+
+def quant_modules(model: nn.Module) -> dict:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}

@@ -1,0 +1,295 @@
+"""Observers: stream over calibration data in bounded memory and choose a quantization range.
+
+  minmax      running min / max                                  any granularity
+  ema         moving-average min / max (PyTorch's update rule)   any granularity
+  percentile  clip at the p-th percentile of |x| / of each tail   histogram (per-tensor) or exact per row
+  mse         clip range that minimizes the quantization MSE      histogram (per-tensor) or exact per row
+  entropy     clip threshold minimizing KL divergence (TensorRT)  per-tensor only
+
+Per-tensor histogram observers keep a fixed number of bins whose range grows with the data, so
+memory does not depend on how much is observed. In per-channel / per-group mode (weights) the
+percentile and MSE observers compute the exact optimum for each observed tensor and average it
+over calls: exact for a weight, which is observed once.
+"""
+import math
+
+import numpy as np
+import torch
+
+from .fake_quant import fake_quantize
+from .scheme import QScheme, check_finite, qparams_from_range
+
+HIST_BINS = 2048
+MSE_GRID = torch.linspace(0.05, 1.0, 96)  # clip ratios tried by the MSE search
+
+
+class Observer:
+    def __init__(self, scheme: QScheme):
+        if scheme.dynamic:
+            raise ValueError("dynamic per-token quantization computes its range on every call; it has no observer")
+        self.scheme = scheme
+        self.shape = None  # scale / zero point shape, fixed by the first tensor seen
+        self.count = 0
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        check_finite(x, "observed tensor")
+        self.scheme.check_shape(x.shape)
+        xl = self.scheme.to_layout(x.detach())
+        shape = self.scheme.param_shape(xl)
+        if self.shape is None:
+            self.shape = shape
+        elif shape != self.shape:
+            raise ValueError(f"observer saw a tensor whose scale shape {shape} differs from the first one {self.shape}")
+        self.count += 1
+        return self.scheme.rows(xl).float()
+
+    def observe(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def range(self):
+        """(min, max) clip range, each of shape (rows,)."""
+        raise NotImplementedError
+
+    def qparams(self):
+        if self.count == 0:
+            raise RuntimeError(f"{type(self).__name__} has observed no data; run calibration first")
+        lo, hi = self.range()
+        scale, zp = qparams_from_range(lo, hi, self.scheme)
+        return scale.reshape(self.shape), zp.reshape(self.shape)
+
+
+class MinMaxObserver(Observer):
+    def __init__(self, scheme):
+        super().__init__(scheme)
+        self.min = self.max = None
+
+    def observe(self, x):
+        rows = self._rows(x)
+        lo, hi = rows.amin(1), rows.amax(1)
+        self.min = lo if self.min is None else torch.minimum(self.min, lo)
+        self.max = hi if self.max is None else torch.maximum(self.max, hi)
+
+    def range(self):
+        return self.min, self.max
+
+
+class EMAObserver(MinMaxObserver):
+    """min <- min + c * (batch_min - min), the first batch initializing (c = averaging_constant)."""
+
+    def __init__(self, scheme, averaging_constant: float = 0.01):
+        super().__init__(scheme)
+        if not 0 < averaging_constant <= 1:
+            raise ValueError(f"averaging_constant must be in (0, 1], got {averaging_constant}")
+        self.c = averaging_constant
+
+    def observe(self, x):
+        rows = self._rows(x)
+        lo, hi = rows.amin(1), rows.amax(1)
+        if self.min is None:
+            self.min, self.max = lo, hi
+        else:
+            self.min = self.min + self.c * (lo - self.min)
+            self.max = self.max + self.c * (hi - self.max)
+
+
+class Histogram:
+    """Fixed-size histogram over [lo, hi] whose range widens as data arrives: old counts move to
+    the new bin holding their old bin's centre (error under one new bin width)."""
+
+    def __init__(self, bins: int = HIST_BINS):
+        self.bins = bins
+        self.counts = torch.zeros(bins, dtype=torch.float64)
+        self.lo = self.hi = None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1).float()
+        # the range always holds 0, like every quantization range here
+        lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+        if self.lo is None:
+            self.lo, self.hi = lo, max(hi, lo + 1e-12)
+        elif lo < self.lo or hi > self.hi:
+            new_lo, new_hi = min(lo, self.lo), max(hi, self.hi)
+            centres = self.edges()[:-1] + self.width / 2
+            idx = ((centres - new_lo) / ((new_hi - new_lo) / self.bins)).long().clamp_(0, self.bins - 1)
+            counts = torch.zeros_like(self.counts).index_add_(0, idx, self.counts)
+            self.counts, self.lo, self.hi = counts, new_lo, new_hi
+        self.counts += torch.histc(x, self.bins, self.lo, self.hi).double()
+
+    @property
+    def width(self) -> float:
+        return (self.hi - self.lo) / self.bins
+
+    def edges(self) -> torch.Tensor:
+        return torch.linspace(self.lo, self.hi, self.bins + 1, dtype=torch.float64)
+
+    def centres(self) -> torch.Tensor:
+        return (self.edges()[:-1] + self.width / 2).float()
+
+    def quantile(self, q: float) -> float:
+        """Value below which a fraction q of the mass lies (linear inside the bin)."""
+        cdf = torch.cumsum(self.counts, 0)
+        target = q * float(cdf[-1])
+        i = int(torch.searchsorted(cdf, torch.tensor([target], dtype=torch.float64)).clamp(max=self.bins - 1))
+        below = float(cdf[i - 1]) if i > 0 else 0.0
+        frac = (target - below) / max(float(self.counts[i]), 1e-30)
+        return self.lo + (i + min(max(frac, 0.0), 1.0)) * self.width
+
+
+def _mse_best_ratio(values: torch.Tensor, weights: torch.Tensor | None, scheme: QScheme) -> torch.Tensor:
+    """For each row of `values`, the ratio a in MSE_GRID for which quantizing the row over
+    [a * min, a * max] gives the least (weighted) squared error. Rows are processed in chunks
+    so that memory stays bounded."""
+    best_ratio = torch.ones(values.shape[0])
+    chunk = max(1, (1 << 22) // max(values.shape[1], 1))
+    for start in range(0, values.shape[0], chunk):
+        v = values[start:start + chunk]
+        w = None if weights is None else weights[start:start + chunk]
+        mn, mx = v.amin(1, keepdim=True), v.amax(1, keepdim=True)
+        best = torch.full((v.shape[0],), math.inf)
+        for a in MSE_GRID.tolist():
+            scale, zp = qparams_from_range(a * mn, a * mx, scheme)
+            err = (fake_quantize(v, scale, zp, scheme.qmin, scheme.qmax) - v).pow_(2)
+            err = (err * w if w is not None else err).sum(1)
+            better = err < best
+            best = torch.where(better, err, best)
+            best_ratio[start:start + chunk] = torch.where(better, a, best_ratio[start:start + chunk])
+    return best_ratio
+
+
+class _HistogramObserver(Observer):
+    """Per-tensor: streams into a histogram. Per-row (channel / group): exact per observed
+    tensor, averaged over calls."""
+
+    def __init__(self, scheme):
+        super().__init__(scheme)
+        self.per_tensor = scheme.granularity == "tensor"
+        self.hist = Histogram() if self.per_tensor else None
+        self.min = self.max = None
+        self.row_lo = self.row_hi = None  # running sums of per-row optima
+
+    def observe(self, x):
+        rows = self._rows(x)
+        lo, hi = rows.amin(1), rows.amax(1)
+        self.min = lo if self.min is None else torch.minimum(self.min, lo)
+        self.max = hi if self.max is None else torch.maximum(self.max, hi)
+        if self.per_tensor:
+            self.hist.add(rows)
+        else:
+            lo, hi = self._rows_range(rows)
+            self.row_lo = lo if self.row_lo is None else self.row_lo + lo
+            self.row_hi = hi if self.row_hi is None else self.row_hi + hi
+
+    def range(self):
+        if self.per_tensor:
+            lo, hi = self._hist_range()
+            return torch.tensor([lo]), torch.tensor([hi])
+        return self.row_lo / self.count, self.row_hi / self.count
+
+
+class PercentileObserver(_HistogramObserver):
+    """Clips each tail at the given percentile (e.g. 99.99: the top and bottom 0.01 % are
+    clipped). Symmetric schemes then take the larger magnitude of the two."""
+
+    def __init__(self, scheme, percentile: float = 99.99):
+        super().__init__(scheme)
+        if not 50 < percentile <= 100:
+            raise ValueError(f"percentile must be in (50, 100], got {percentile}")
+        self.p = percentile / 100
+
+    def _hist_range(self):
+        return self.hist.quantile(1 - self.p), self.hist.quantile(self.p)
+
+    def _rows_range(self, rows):
+        n = rows.shape[1]
+        k_hi = min(n, max(1, math.ceil(self.p * n)))
+        k_lo = max(1, n + 1 - k_hi)
+        return rows.kthvalue(k_lo, dim=1).values, rows.kthvalue(k_hi, dim=1).values
+
+
+class MSEObserver(_HistogramObserver):
+    """Searches a shrink ratio a of the observed range [min, max] minimizing quantization MSE."""
+
+    def _hist_range(self):
+        values = self.hist.centres().unsqueeze(0)
+        a = float(_mse_best_ratio(values, self.hist.counts.float().unsqueeze(0), self.scheme)[0])
+        return a * float(self.min.min()), a * float(self.max.max())
+
+    def _rows_range(self, rows):
+        a = _mse_best_ratio(rows, None, self.scheme)
+        return a * rows.amin(1), a * rows.amax(1)
+
+
+class EntropyObserver(_HistogramObserver):
+    """TensorRT's entropy calibration: a histogram of |x|, and the clip threshold whose
+    quantized distribution has the least KL divergence from the clipped reference."""
+
+    def __init__(self, scheme):
+        if scheme.granularity != "tensor":
+            raise ValueError("the entropy observer is per-tensor only (use minmax, percentile or mse per channel)")
+        super().__init__(scheme)
+
+    def observe(self, x):
+        rows = self._rows(x)
+        lo, hi = rows.amin(1), rows.amax(1)
+        self.min = lo if self.min is None else torch.minimum(self.min, lo)
+        self.max = hi if self.max is None else torch.maximum(self.max, hi)
+        self.hist.add(rows.abs())
+
+    def _levels(self) -> int:
+        one_sided = float(self.min.min()) >= 0 and not self.scheme.symmetric
+        return 2 ** self.scheme.bits if one_sided else 2 ** (self.scheme.bits - 1)
+
+    def _hist_range(self):
+        t = entropy_threshold(self.hist.counts.numpy(), self._levels()) * self.hist.width + self.hist.lo
+        return max(float(self.min.min()), -t), min(float(self.max.max()), t)
+
+
+def entropy_threshold(hist: np.ndarray, levels: int) -> float:
+    """Number of bins (as a float edge index) to keep so that KL(P || Q) is smallest, where P is
+    the histogram clipped at that edge (outliers folded into the last bin) and Q is P merged into
+    `levels` quantization bins and expanded back over P's non-empty bins."""
+    nbins = len(hist)
+    if levels >= nbins:
+        return float(nbins)
+    best_kl, best_i = math.inf, nbins
+    for i in range(levels, nbins + 1):
+        ref = hist[:i].astype(np.float64)
+        p = ref.copy()
+        p[i - 1] += hist[i:].sum()
+        nonzero = p != 0
+        # merge the i reference bins into `levels` chunks, spread each chunk over its non-empty bins
+        chunk_of = (np.arange(i) * levels) // i
+        chunk_sum = np.bincount(chunk_of, weights=ref, minlength=levels)
+        chunk_nz = np.bincount(chunk_of, weights=nonzero, minlength=levels)
+        q = np.where(nonzero, chunk_sum[chunk_of] / np.maximum(chunk_nz[chunk_of], 1), 0.0)
+        p, q = _smooth(p), _smooth(q)
+        if p is None or q is None:
+            continue
+        kl = float(np.sum(p * np.log(p / q)))
+        if kl < best_kl:
+            best_kl, best_i = kl, i
+    return float(best_i)
+
+
+def _smooth(d: np.ndarray, eps: float = 1e-4):
+    """Normalize, giving empty bins a little mass (then renormalizing) so that KL stays finite."""
+    total = d.sum()
+    if total <= 0:
+        return None
+    d = d / total + eps * (d == 0)
+    return d / d.sum()
+
+
+OBSERVERS = {
+    "minmax": MinMaxObserver,
+    "ema": EMAObserver,
+    "percentile": PercentileObserver,
+    "mse": MSEObserver,
+    "entropy": EntropyObserver,
+}
+
+
+def make_observer(name: str, scheme: QScheme, **kwargs) -> Observer:
+    if name not in OBSERVERS:
+        raise ValueError(f"unknown observer {name!r}; choose from {sorted(OBSERVERS)}")
+    return OBSERVERS[name](scheme, **kwargs)
