@@ -1,0 +1,146 @@
+"""MNIST data (IDX files, local first; the `ylecun/mnist` hub dataset otherwise), the
+784-128-10 MLP, its seeded FP32 training with checkpoint reuse, and batched evaluation."""
+import gzip
+import os
+import struct
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from common import UsageError, data_dir, hub_reachable, positive_int
+
+MEAN, STD = 0.1307, 0.3081
+FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def _find(folder: str, stem: str) -> str | None:
+    for sub in ("mnist", "MNIST/raw", ""):
+        for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+            path = os.path.join(folder, sub, name)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def read_idx(path: str, magic: int) -> np.ndarray:
+    """Read an IDX file (gzipped or not), checking its magic number and its length."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise UsageError(f"corrupt MNIST file {path}: {e}") from None
+    ndim = magic - 2048
+    if len(raw) < 4 + 4 * ndim:
+        raise UsageError(f"corrupt MNIST file {path}: only {len(raw)} bytes, too short for an IDX header")
+    found, *dims = struct.unpack(f">{1 + ndim}I", raw[: 4 + 4 * ndim])
+    if found != magic:
+        raise UsageError(f"corrupt MNIST file {path}: magic number {found}, expected {magic}")
+    expected = 4 + 4 * ndim + int(np.prod(dims))
+    if len(raw) != expected:
+        raise UsageError(f"corrupt or truncated MNIST file {path}: {len(raw)} bytes, the header says {expected}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _normalize(images: np.ndarray) -> torch.Tensor:
+    return (torch.from_numpy(images.astype(np.float32)).reshape(len(images), -1) / 255.0 - MEAN) / STD
+
+
+def load_mnist(folder: str | None):
+    """{'train': (x, y), 'test': (x, y)}: x float (N, 784) normalized, y int64 (N,)."""
+    folder = data_dir(folder)
+    paths = {split: tuple(_find(folder, stem) for stem in stems) for split, stems in FILES.items()}
+    if all(p is not None for ps in paths.values() for p in ps):
+        out = {}
+        for split, (img_path, lbl_path) in paths.items():
+            images, labels = read_idx(img_path, 2051), read_idx(lbl_path, 2049)
+            if len(images) != len(labels):
+                raise UsageError(f"MNIST {split}: {len(images)} images in {img_path} but {len(labels)} labels in {lbl_path}")
+            out[split] = (_normalize(images), torch.from_numpy(labels.astype(np.int64)))
+        return out
+    missing = [stem for ps, stems in zip(paths.values(), FILES.values()) for p, stem in zip(ps, stems) if p is None]
+    if not hub_reachable():
+        raise UsageError(
+            f"MNIST not found in {os.path.abspath(folder)} (missing {', '.join(missing)}) and the Hugging Face hub "
+            f"is unreachable. Put the four IDX files (.gz or not) in {os.path.join(os.path.abspath(folder), 'mnist')} "
+            f"or point --data_dir / $QUANT_DATA_DIR at their folder.")
+    from datasets import load_dataset
+    ds = load_dataset("ylecun/mnist")
+    return {split: (_normalize(np.stack([np.array(im) for im in ds[split]["image"]])),
+                    torch.tensor(ds[split]["label"], dtype=torch.int64)) for split in ("train", "test")}
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int = 128):
+        super().__init__()
+        self.fc1 = nn.Linear(784, hidden)
+        self.fc2 = nn.Linear(hidden, 10)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000) -> float:
+    model.eval()
+    correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+                  for i in range(0, len(x), batch_size))
+    return 100.0 * correct / len(x)
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, seed: int,
+          batch_size: int = 128, desc: str = "train", progress: bool = True, params=None) -> nn.Module:
+    """Adam on shuffled mini-batches; the shuffling order is seeded."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(params if params is not None else model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * -(-len(x) // batch_size))
+    model.train()
+    for epoch in range(epochs):
+        perm = torch.randperm(len(x), generator=g)
+        bar = tqdm(range(0, len(x), batch_size), desc=f"{desc} epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        for i in bar:
+            idx = perm[i:i + batch_size]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if i % (50 * batch_size) == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return model
+
+
+def fp32_model(data, args) -> MLP:
+    """The trained FP32 MLP: reused from models/ when a checkpoint exists (unless --retrain),
+    else trained (seeded) and, with --save_model, saved there."""
+    path = os.path.join(args.models_dir, f"mnist_mlp_fp32_seed{args.seed}.pt")
+    torch.manual_seed(args.seed)
+    model = MLP()
+    if os.path.exists(path) and not args.retrain:
+        try:
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as e:
+            raise UsageError(f"cannot load FP32 checkpoint {path} ({e}); delete it or pass --retrain") from None
+        print(f"reusing FP32 checkpoint {path} (pass --retrain to train again)")
+        return model.eval()
+    train(model, *data["train"], epochs=args.epochs, lr=1e-3, seed=args.seed, desc="fp32", progress=not args.no_progress)
+    if args.save_model:
+        os.makedirs(args.models_dir, exist_ok=True)
+        tmp = path + ".tmp"
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, path)
+        print(f"saved FP32 checkpoint {path}")
+    return model
+
+
+def add_mnist_args(p):
+    p.add_argument("--epochs", type=positive_int, default=10, help="FP32 training epochs when no checkpoint is reused (default: 10)")
+    p.add_argument("--retrain", action="store_true", help="train the FP32 model even if a checkpoint exists")
+    p.add_argument("--train_subset", type=positive_int, default=None, help="use only the first N training images (quick runs)")
+    p.add_argument("--test_subset", type=positive_int, default=None, help="evaluate on the first N test images (quick runs)")

@@ -1,0 +1,118 @@
+"""Post-training static quantization of the MNIST MLP (784 -> 128 -> ReLU -> 10).
+
+Load MNIST, train (or reuse) the FP32 model, then for every weight bit width x weight
+granularity x activation observer: quantize the weights, calibrate the activation ranges on
+--calib_samples training images, evaluate on the test set, and append a row to
+results/ptq_nn.csv.
+
+    python ptq_nn.py --bits 8 4 3 2 --observers minmax ema percentile mse entropy
+"""
+import argparse
+import copy
+import os
+import time
+
+import torch
+
+from common import Parser, UsageError, add_common_args, append_rows, parse_with_config, run, timestamp
+from mnist import MLP, accuracy, add_mnist_args, fp32_model, load_mnist
+from quant import OBSERVERS, QScheme, calibrate, float_size_bytes, quantize_linears, quantized_size_bytes, save_quantized
+
+EXPERIMENT = "ptq_nn"
+
+
+def a_bits_type(s):
+    if s in ("same", "none"):
+        return s
+    from common import bits_type
+    return bits_type(s)
+
+
+def add_ptq_args(p):
+    p.add_argument("--a_bits", type=a_bits_type, default=8,
+                   help="activation bits: 2..8, 'same' (= weight bits) or 'none' (float activations) (default: 8)")
+    p.add_argument("--observers", nargs="+", choices=sorted(OBSERVERS), default=["minmax", "ema", "percentile", "mse", "entropy"],
+                   help="activation observers to sweep (default: all five)")
+    p.add_argument("--granularity", nargs="+", choices=["tensor", "channel"], default=["tensor", "channel"],
+                   help="weight granularities to sweep (default: tensor channel)")
+    p.add_argument("--w_observer", choices=["minmax", "percentile", "mse"], default="minmax",
+                   help="weight observer (default: minmax)")
+    p.add_argument("--percentile", type=float, default=99.99, help="percentile observer's percentile (default: 99.99)")
+
+
+def build_parser(prog=None):
+    p = Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, bits_default=[8, 4, 3, 2], calib_default=1000)
+    add_mnist_args(p)
+    add_ptq_args(p)
+    return p
+
+
+def schemes(w_bits, a_bits, granularity):
+    w = QScheme(w_bits, symmetric=True, granularity=granularity, axis=0)
+    a_bits = w_bits if a_bits == "same" else a_bits
+    # activations: affine over the observed range (the first layer's input is signed, the second is post-ReLU)
+    a = None if a_bits == "none" else QScheme(a_bits, symmetric=False, signed=False)
+    return w, a, a_bits
+
+
+def calib_batches(x, n, seed, batch_size=256):
+    if n > len(x):
+        raise UsageError(f"--calib_samples {n} is more than the {len(x)} training images available")
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
+    return [x[idx[i:i + batch_size]] for i in range(0, n, batch_size)]
+
+
+def ptq(model, w_scheme, a_scheme, batches, observer, w_observer, percentile, progress=True):
+    """A quantized copy of `model`: weights quantized once, activation ranges calibrated."""
+    q = copy.deepcopy(model)
+    w_kw = {"percentile": percentile} if w_observer == "percentile" else {}
+    quantize_linears(q, w_scheme, a_scheme, w_observer=w_observer, **w_kw)
+    if a_scheme is not None:
+        a_kw = {"percentile": percentile} if observer == "percentile" else {}
+        calibrate(q, batches, observer=observer, desc=f"calibrate {observer}", progress=progress, **a_kw)
+    return q.eval()
+
+
+def main(argv=None):
+    args = parse_with_config(build_parser(), argv)
+    data = load_mnist(args.data_dir)
+    train_x, train_y = data["train"]
+    test_x, test_y = data["test"]
+    if args.train_subset:
+        data["train"] = train_x, train_y = train_x[: args.train_subset], train_y[: args.train_subset]
+    if args.test_subset:
+        test_x, test_y = test_x[: args.test_subset], test_y[: args.test_subset]
+    batches = calib_batches(train_x, args.calib_samples, args.seed)
+
+    t0 = time.time()
+    model = fp32_model(data, args)
+    fp32_acc, fp32_size = accuracy(model, test_x, test_y), float_size_bytes(model)
+    common = dict(experiment=EXPERIMENT, calib_samples=args.calib_samples, fp32_accuracy=fp32_acc,
+                  fp32_size_bytes=fp32_size, seed=args.seed, test_images=len(test_x))
+    rows = [dict(timestamp=timestamp(), method="fp32", w_bits=32, a_bits=32, observer="", w_observer="",
+                 granularity="", accuracy=fp32_acc, size_bytes=fp32_size, seconds=round(time.time() - t0, 2), **common)]
+    print(f"FP32 test accuracy {fp32_acc:.2f}% ({len(test_x)} images), {fp32_size} bytes")
+
+    configs = [(b, g, o) for b in args.bits for g in args.granularity
+               for o in (args.observers if args.a_bits != "none" else ["none"])]
+    for bits, gran, observer in configs:
+        t0 = time.time()
+        w_scheme, a_scheme, a_bits = schemes(bits, args.a_bits, gran)
+        q = ptq(model, w_scheme, a_scheme, batches, observer, args.w_observer, args.percentile, not args.no_progress)
+        acc, size = accuracy(q, test_x, test_y), quantized_size_bytes(q)
+        rows.append(dict(timestamp=timestamp(), method="ptq", w_bits=bits, a_bits=32 if a_bits == "none" else a_bits,
+                         observer="" if observer == "none" else observer, w_observer=args.w_observer, granularity=gran,
+                         accuracy=acc, size_bytes=size, seconds=round(time.time() - t0, 2), **common))
+        print(f"PTQ W{bits}A{a_bits} {gran:7s} {observer:10s} accuracy {acc:6.2f}%  size {size} bytes")
+        if args.save_model:
+            save_quantized(q, os.path.join(args.models_dir, EXPERIMENT, f"w{bits}a{a_bits}_{gran}_{observer}_seed{args.seed}"),
+                           extra={"accuracy": acc, "arch": "mnist_mlp"})
+    path = os.path.join(args.results_dir, f"{EXPERIMENT}.csv")
+    append_rows(path, rows)
+    print(f"appended {len(rows)} rows to {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,90 @@
+"""Quantization-aware training of the MNIST MLP, with the PTQ result of the same setting beside it.
+
+Start from the FP32 checkpoint; for every weight bit width: quantize (weights per-channel,
+activations static per-tensor calibrated on --calib_samples images), fine-tune with fake
+quantization in the forward pass (STE, or LSQ with --lsq: learned step sizes), freeze, evaluate
+on the test set, and append a row to results/qat_nn.csv.
+
+    python qat_nn.py --bits 8 4 3 2 --qat_epochs 3
+"""
+import argparse
+import copy
+import os
+import time
+
+from common import Parser, add_common_args, append_rows, parse_with_config, positive_int, run, timestamp
+from mnist import accuracy, add_mnist_args, fp32_model, load_mnist, train
+from ptq_nn import add_ptq_args, calib_batches, ptq, schemes
+from quant import calibrate, float_size_bytes, quant_modules, quantize_linears, quantized_size_bytes, save_quantized
+
+EXPERIMENT = "qat_nn"
+
+
+def build_parser(prog=None):
+    p = Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, bits_default=[8, 4, 3, 2], calib_default=1000)
+    add_mnist_args(p)
+    add_ptq_args(p)
+    p.set_defaults(observers=["minmax"], granularity=["channel"])
+    p.add_argument("--qat_epochs", type=positive_int, default=3, help="QAT fine-tuning epochs (default: 3)")
+    p.add_argument("--qat_lr", type=float, default=1e-3, help="QAT learning rate (default: 1e-3)")
+    p.add_argument("--lsq", action="store_true", help="learn the step sizes (LSQ) instead of min-max scales with STE")
+    return p
+
+
+def qat(model, w_scheme, a_scheme, batches, observer, data, args):
+    q = copy.deepcopy(model)
+    quantize_linears(q, w_scheme, a_scheme, w_observer=args.w_observer, qat=True, learnable=args.lsq)
+    if a_scheme is not None:
+        calibrate(q, batches, observer=observer, desc=f"calibrate {observer}", progress=not args.no_progress)
+    train(q, *data["train"], epochs=args.qat_epochs, lr=args.qat_lr, seed=args.seed + 1,
+          desc=f"qat {w_scheme.describe()}", progress=not args.no_progress)
+    for m in quant_modules(q).values():
+        m.freeze()
+    return q.eval()
+
+
+def main(argv=None):
+    args = parse_with_config(build_parser(), argv)
+    data = load_mnist(args.data_dir)
+    if args.train_subset:
+        data["train"] = tuple(t[: args.train_subset] for t in data["train"])
+    test_x, test_y = data["test"]
+    if args.test_subset:
+        test_x, test_y = test_x[: args.test_subset], test_y[: args.test_subset]
+    batches = calib_batches(data["train"][0], args.calib_samples, args.seed)
+
+    t0 = time.time()
+    model = fp32_model(data, args)
+    fp32_acc, fp32_size = accuracy(model, test_x, test_y), float_size_bytes(model)
+    method = "qat_lsq" if args.lsq else "qat_ste"
+    common = dict(experiment=EXPERIMENT, calib_samples=args.calib_samples, fp32_accuracy=fp32_acc,
+                  fp32_size_bytes=fp32_size, seed=args.seed, test_images=len(test_x), qat_epochs=args.qat_epochs,
+                  qat_lr=args.qat_lr)
+    rows = [dict(timestamp=timestamp(), method="fp32", w_bits=32, a_bits=32, observer="", w_observer="", granularity="",
+                 accuracy=fp32_acc, ptq_accuracy=None, size_bytes=fp32_size, seconds=round(time.time() - t0, 2), **common)]
+    print(f"FP32 test accuracy {fp32_acc:.2f}% ({len(test_x)} images)")
+    observer = args.observers[0]
+    for bits in args.bits:
+        for gran in args.granularity:
+            w_scheme, a_scheme, a_bits = schemes(bits, args.a_bits, gran)
+            ptq_acc = accuracy(ptq(model, w_scheme, a_scheme, batches, observer, args.w_observer, args.percentile,
+                                   not args.no_progress), test_x, test_y)
+            t0 = time.time()
+            q = qat(model, w_scheme, a_scheme, batches, observer, data, args)
+            acc, size = accuracy(q, test_x, test_y), quantized_size_bytes(q)
+            rows.append(dict(timestamp=timestamp(), method=method, w_bits=bits, a_bits=32 if a_bits == "none" else a_bits,
+                             observer=observer if a_scheme else "", w_observer=args.w_observer, granularity=gran,
+                             accuracy=acc, ptq_accuracy=ptq_acc, size_bytes=size, seconds=round(time.time() - t0, 2), **common))
+            print(f"W{bits}A{a_bits} {gran}: QAT ({method}) {acc:.2f}%  PTQ {ptq_acc:.2f}%  FP32 {fp32_acc:.2f}%")
+            if args.save_model:
+                save_quantized(q, os.path.join(args.models_dir, EXPERIMENT, f"{method}_w{bits}a{a_bits}_{gran}_seed{args.seed}"),
+                               extra={"accuracy": acc, "arch": "mnist_mlp"})
+    path = os.path.join(args.results_dir, f"{EXPERIMENT}.csv")
+    append_rows(path, rows)
+    print(f"appended {len(rows)} rows to {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,114 @@
+"""End-to-end runs of ptq_nn.py and qat_nn.py on a subset of the real MNIST files."""
+import gzip
+import os
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+import ptq_nn
+import qat_nn
+from common import UsageError
+from mnist import load_mnist, read_idx
+from tests.conftest import ROOT
+
+QUICK = ["--train_subset", "12000", "--test_subset", "2000", "--epochs", "3", "--no_progress", "--calib_samples", "256"]
+
+
+def quick_args(shared, tmp_path, *extra):
+    return ["--data_dir", os.path.join(shared, "data"), "--results_dir", str(tmp_path / "results"),
+            "--models_dir", str(tmp_path / "models"), *QUICK, *extra]
+
+
+def test_ptq_nn_end_to_end(shared, tmp_path):
+    rows = ptq_nn.main(quick_args(shared, tmp_path, "--bits", "8", "2", "--observers", "minmax", "entropy", "--save_model"))
+    df = pd.read_csv(tmp_path / "results" / "ptq_nn.csv")
+    assert len(df) == len(rows) == 1 + 2 * 2 * 2
+    for col in ["timestamp", "experiment", "method", "w_bits", "a_bits", "observer", "granularity", "calib_samples",
+                "accuracy", "fp32_accuracy", "size_bytes", "fp32_size_bytes", "seconds", "seed"]:
+        assert col in df.columns
+    fp32 = df[df.method == "fp32"].iloc[0]
+    assert fp32.accuracy > 85 and fp32.size_bytes == (784 * 128 + 128 + 128 * 10 + 10) * 4
+    w8 = df[(df.w_bits == 8) & (df.observer == "minmax")]
+    assert (abs(w8.accuracy - fp32.accuracy) < 1.0).all()
+    w2 = df[(df.w_bits == 2)]
+    assert (w2.accuracy < fp32.accuracy).all()
+    # real packed sizes: 2-bit weights take a quarter of the 8-bit bytes (plus scales)
+    assert (w2.size_bytes < df[df.w_bits == 8].size_bytes.min() / 2).all()
+    saved = os.listdir(tmp_path / "models" / "ptq_nn")
+    assert len(saved) == 8 and all(os.path.exists(tmp_path / "models" / "ptq_nn" / s / "model.safetensors") for s in saved)
+
+
+def test_qat_nn_end_to_end_beats_ptq_at_2_bits(shared, tmp_path):
+    ptq_nn.main(quick_args(shared, tmp_path, "--bits", "8", "--observers", "minmax", "--save_model"))
+    rows = qat_nn.main(quick_args(shared, tmp_path, "--bits", "2", "--qat_epochs", "1"))
+    df = pd.read_csv(tmp_path / "results" / "qat_nn.csv")
+    assert len(df) == len(rows) == 2
+    q = df[df.method == "qat_ste"].iloc[0]
+    assert q.w_bits == 2 and q.a_bits == 8
+    assert q.accuracy > q.ptq_accuracy and q.accuracy > q.fp32_accuracy - 1.5
+
+
+def test_checkpoint_reuse_and_determinism(shared, tmp_path, capsys):
+    args = quick_args(shared, tmp_path, "--bits", "4", "--observers", "mse", "--granularity", "channel")
+    first = ptq_nn.main(args + ["--save_model"])
+    assert "saved FP32 checkpoint" in capsys.readouterr().out
+    second = ptq_nn.main(args)
+    assert "reusing FP32 checkpoint" in capsys.readouterr().out
+    retrained = ptq_nn.main(args + ["--retrain"])
+    for a, b, c in zip(first, second, retrained):
+        assert a["accuracy"] == b["accuracy"] == c["accuracy"]
+    df = pd.read_csv(tmp_path / "results" / "ptq_nn.csv")
+    assert len(df) == 6  # appended three times, nothing clobbered
+
+
+def test_corrupt_idx_files(shared, tmp_path):
+    src = os.path.join(shared, "data", "mnist", "t10k-labels-idx1-ubyte.gz")
+    raw = gzip.decompress(open(src, "rb").read())
+    truncated = tmp_path / "t10k-labels-idx1-ubyte"
+    truncated.write_bytes(raw[:-10])
+    with pytest.raises(UsageError, match="truncated.*t10k-labels"):
+        read_idx(str(truncated), 2049)
+    bad_magic = tmp_path / "bad-idx1-ubyte"
+    bad_magic.write_bytes(b"\x00\x00\x08\x03" + raw[4:])
+    with pytest.raises(UsageError, match="magic number 2051, expected 2049"):
+        read_idx(str(bad_magic), 2049)
+    bad_gz = tmp_path / "broken.gz"
+    bad_gz.write_bytes(open(src, "rb").read()[:100])
+    with pytest.raises(UsageError, match="corrupt MNIST file .*broken.gz"):
+        read_idx(str(bad_gz), 2049)
+    assert read_idx(src, 2049).shape == (10000,)
+
+
+def test_missing_data_fails_fast_with_location(tmp_path):
+    t0 = time.time()
+    with pytest.raises(UsageError, match=f"MNIST not found in {tmp_path}.*Put the four IDX files"):
+        load_mnist(str(tmp_path))
+    assert time.time() - t0 < 5
+
+
+def run_main(*args, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.mark.parametrize("args,flag", [(["--bits", "0"], "--bits"), (["--bits", "9"], "--bits"),
+                                       (["--calib_samples", "-5"], "--calib_samples"),
+                                       (["--observers", "kmeans"], "--observers"), (["--nope"], "--nope"),
+                                       (["--save_model=maybe"], "--save_model"),
+                                       (["--experiment", "qat_nn", "--qat_epochs", "0"], "--qat_epochs")])
+def test_bad_flags_one_line_exit_2_nothing_written(tmp_path, args, flag):
+    r = run_main(*args, "--results_dir", str(tmp_path / "r"), cwd=tmp_path)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and flag in r.stderr and "Traceback" not in r.stderr
+    assert not os.path.exists(tmp_path / "r")
+
+
+def test_save_model_flag_forms():
+    parser = ptq_nn.build_parser()
+    assert parser.parse_args(["--save_model"]).save_model is True
+    for text, value in [("True", True), ("False", False), ("true", True), ("false", False), ("1", True), ("0", False)]:
+        assert parser.parse_args([f"--save_model={text}"]).save_model is value
+    assert parser.parse_args([]).save_model is False
