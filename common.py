@@ -106,7 +106,7 @@ def parse_with_config(parser: argparse.ArgumentParser, argv) -> argparse.Namespa
             if key not in actions or key == "help":
                 parser.error(f"--config {known.config}: unknown key {key!r}")
             opt = actions[key].option_strings[-1]
-            if isinstance(actions[key], argparse._StoreTrueAction):
+            if isinstance(actions[key], argparse._StoreTrueAction) or isinstance(value, bool):
                 flags += [opt] if value else []
             else:
                 flags += [opt] + ([str(v) for v in value] if isinstance(value, list) else [str(value)])
@@ -152,6 +152,20 @@ def pick_device(requested: str | None = None) -> str:
 
 def timestamp() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def code_version() -> str:
+    """Short git commit of the code that produced a row ('-dirty' with uncommitted changes)."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
+                               text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return commit + ("-dirty" if commit and dirty else "")
 
 
 def append_rows(path: str, rows: list[dict]) -> None:

@@ -37,6 +37,9 @@ def config_runs(path: str) -> tuple[str | None, list[list[str]]]:
         for key, value in r.items():
             if key == "experiment":
                 continue
+            if isinstance(value, bool):  # a switch: present or absent
+                argv += [f"--{key}"] if value else []
+                continue
             values = value if isinstance(value, list) else [value]
             argv += [f"--{key}"] + [str(v) for v in values]
         argvs.append(argv)

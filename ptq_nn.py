@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from common import Parser, UsageError, add_common_args, append_rows, parse_with_config, run, timestamp
+from common import Parser, UsageError, add_common_args, append_rows, code_version, parse_with_config, run, timestamp
 from mnist import MLP, accuracy, add_mnist_args, fp32_model, load_mnist
 from quant import OBSERVERS, QScheme, calibrate, float_size_bytes, quantize_linears, quantized_size_bytes, save_quantized
 
@@ -89,7 +89,7 @@ def main(argv=None):
     model = fp32_model(data, args)
     fp32_acc, fp32_size = accuracy(model, test_x, test_y), float_size_bytes(model)
     common = dict(experiment=EXPERIMENT, calib_samples=args.calib_samples, fp32_accuracy=fp32_acc,
-                  fp32_size_bytes=fp32_size, seed=args.seed, test_images=len(test_x))
+                  fp32_size_bytes=fp32_size, seed=args.seed, code=code_version(), test_images=len(test_x))
     rows = [dict(timestamp=timestamp(), method="fp32", w_bits=32, a_bits=32, observer="", w_observer="",
                  granularity="", accuracy=fp32_acc, size_bytes=fp32_size, seconds=round(time.time() - t0, 2), **common)]
     print(f"FP32 test accuracy {fp32_acc:.2f}% ({len(test_x)} images), {fp32_size} bytes")

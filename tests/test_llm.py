@@ -1,0 +1,121 @@
+"""ptq_llm.py on a tiny GPT-2 (Conv1D path) and on the real trained stories260K (Llama path)."""
+import os
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+import ptq_llm
+from common import UsageError
+from llm import eval_windows, hub_rows, load_quantized_model, perplexity, tokenize, wikitext_text
+from quant import QScheme, calibrate, quantize_linears, save_quantized
+from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory, shared):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(os.path.join(shared, "models", "gpt2-tokenizer")).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def stories(shared):
+    return os.path.join(shared, "models", "stories260K")
+
+
+def args_for(model, shared, tmp_path, *extra):
+    return ["--model_name", model, "--data_dir", os.path.join(shared, "data"), "--results_dir", str(tmp_path / "results"),
+            "--models_dir", str(tmp_path / "models"), "--no_progress", *extra]
+
+
+def test_wikitext_rebuild_matches_hub_token_count(shared):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(os.path.join(shared, "models", "gpt2-tokenizer"))
+    text = wikitext_text("test", os.path.join(shared, "data"))
+    assert len(tokenize(tok, text)) == 287_644
+    assert hub_rows(" \n = Title = \n \n Body .\n") == ["", " = Title = \n", "", " Body .\n"]
+    assert wikitext_text("train", os.path.join(shared, "data")) is None  # not shipped offline
+
+
+def test_tiny_gpt2_conv1d_end_to_end(tiny_gpt2, shared, tmp_path):
+    rows = ptq_llm.main(args_for(tiny_gpt2, shared, tmp_path, "--seq_len", "64", "--eval_samples", "6",
+                                 "--calib_samples", "4", "--bits", "8", "4", "--group_size", "32"))
+    df = pd.read_csv(tmp_path / "results" / "ptq_llm.csv")
+    assert len(df) == len(rows) == 1 + 2 + 2
+    for col in ["timestamp", "model", "method", "w_bits", "a_bits", "observer", "granularity", "group_size",
+                "calib_samples", "calib_split", "seq_len", "eval_tokens", "perplexity", "fp32_perplexity",
+                "size_bytes", "fp32_size_bytes", "seconds", "seed"]:
+        assert col in df.columns
+    assert (df.calib_split == "validation").all() and (df.eval_tokens == 6 * 64).all()
+    assert df.perplexity.notna().all() and (df.perplexity > 1).all()
+    q = df[df.method == "rtn"]
+    assert (q.size_bytes < q.fp32_size_bytes).all()
+    assert set(q[(q.act == "none") & (q.w_bits == 4)].group_size) == {32}
+
+
+def test_stories260k_w8_within_1_percent_and_reload_bit_exact(stories, shared, tmp_path):
+    rows = ptq_llm.main(args_for(stories, shared, tmp_path, "--seq_len", "256", "--eval_samples", "40",
+                                 "--calib_samples", "8", "--bits", "8", "--act", "none", "--save_model"))
+    fp32, w8 = rows[0]["perplexity"], rows[1]["perplexity"]
+    assert abs(w8 - fp32) / fp32 < 0.01
+    folder = os.path.join(tmp_path, "models", "ptq_llm", os.listdir(tmp_path / "models" / "ptq_llm")[0])
+    model, tok = load_quantized_model(folder)
+    windows = eval_windows(tokenize(tok, wikitext_text("test", os.path.join(shared, "data"))), 256, 40)
+    assert perplexity(model, windows, 4, "cpu", progress=False) == w8
+
+
+@pytest.mark.parametrize("w,a", [(QScheme(4, granularity="group", group_size=32), None),
+                                 (QScheme(8, granularity="channel"), QScheme(8, symmetric=False))])
+def test_save_reload_bit_identical_logits(stories, tiny_gpt2, tmp_path, w, a):
+    from transformers import AutoModelForCausalLM
+    for source in (stories, tiny_gpt2):
+        model = AutoModelForCausalLM.from_pretrained(source).eval()
+        ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+        quantize_linears(model, w, a, skip=("lm_head",), group_fallback=True)
+        calibrate(model, [ids], progress=False)
+        with torch.no_grad():
+            logits = model(ids).logits
+        folder = save_quantized(model, str(tmp_path / os.path.basename(source)))
+        model.config.save_pretrained(folder)
+        from transformers import AutoTokenizer
+        AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+        reloaded, _ = load_quantized_model(folder)
+        with torch.no_grad():
+            assert torch.equal(reloaded(ids).logits, logits)
+
+
+def run_main(*args, cwd):
+    t0 = time.time()
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=cwd, capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return r, time.time() - t0
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--seq_len", "1024"], "exceeds the model's context length 512"),
+    (["--bits", "1"], "--bits"),
+    (["--calib_samples", "0"], "--calib_samples"),
+    (["--group_size", "-1"], "--group_size"),
+])
+def test_bad_input(stories, shared, tmp_path, extra, needle):
+    r, _ = run_main("--model_name", stories, "--data_dir", os.path.join(shared, "data"),
+                    "--results_dir", str(tmp_path / "r"), *extra, cwd=tmp_path)
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "r")
+
+
+def test_missing_model_path_and_offline_hub_id(tmp_path):
+    r, _ = run_main("--model_name", str(tmp_path / "no-such-model"), cwd=tmp_path)
+    assert r.returncode == 2 and "no such file or folder" in r.stderr
+    # the signature command, offline: a clear message in seconds, naming where to put the model
+    r, seconds = run_main("--model_name=distilgpt2", "--calib_samples=200", "--seq_len=128", cwd=tmp_path)
+    assert r.returncode == 2 and "models/distilgpt2" in r.stderr and seconds < 30
