@@ -51,6 +51,26 @@ def int_range(lo, hi=None, what="value"):
     return parse
 
 
+def percentile_type(s):
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {s!r}") from None
+    if not 50 < v <= 100:
+        raise argparse.ArgumentTypeError(f"must be in (50, 100], got {v}")
+    return v
+
+
+def positive_float(s):
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {s!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+    return v
+
+
 bits_type = int_range(2, 8, "bits")
 positive_int = int_range(1, None, "positive_int")
 

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from common import (Parser, UsageError, add_common_args, append_rows, bits_type, code_version, parse_with_config, pick_device,
+from common import (Parser, UsageError, add_common_args, append_rows, bits_type, code_version, parse_with_config, percentile_type, pick_device,
                     positive_int, run, timestamp)
 from llm import calib_windows, context_length, eval_windows, load_config, load_model, perplexity, tokenize, wikitext_text
 from quant import (QScheme, calibrate, float_size_bytes, quantize_linears, quantized_size_bytes, save_quantized)
@@ -48,7 +48,7 @@ def build_parser(prog=None):
     p.add_argument("--a_bits", type=bits_type, default=8, help="activation bits (default: 8)")
     p.add_argument("--observers", nargs="+", choices=["minmax", "ema", "percentile", "mse", "entropy"], default=["minmax"],
                    help="observers for static activation scales (default: minmax)")
-    p.add_argument("--percentile", type=float, default=99.99, help="percentile observer's percentile (default: 99.99)")
+    p.add_argument("--percentile", type=percentile_type, default=99.99, help="percentile observer's percentile (default: 99.99)")
     p.add_argument("--quantize_head", action="store_true", help="quantize lm_head too (kept float by default)")
     p.add_argument("--skip_fp32", action="store_true", help="do not evaluate the FP32 baseline (its row is then absent)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from common import Parser, UsageError, add_common_args, append_rows, code_version, parse_with_config, run, timestamp
+from common import Parser, UsageError, add_common_args, append_rows, code_version, parse_with_config, percentile_type, run, timestamp
 from mnist import MLP, accuracy, add_mnist_args, fp32_model, load_mnist
 from quant import OBSERVERS, QScheme, calibrate, float_size_bytes, quantize_linears, quantized_size_bytes, save_quantized
 
@@ -28,16 +28,16 @@ def a_bits_type(s):
     return bits_type(s)
 
 
-def add_ptq_args(p):
+def add_ptq_args(p, observers=("minmax", "ema", "percentile", "mse", "entropy"), granularity=("tensor", "channel")):
     p.add_argument("--a_bits", type=a_bits_type, default=8,
                    help="activation bits: 2..8, 'same' (= weight bits) or 'none' (float activations) (default: 8)")
-    p.add_argument("--observers", nargs="+", choices=sorted(OBSERVERS), default=["minmax", "ema", "percentile", "mse", "entropy"],
-                   help="activation observers to sweep (default: all five)")
-    p.add_argument("--granularity", nargs="+", choices=["tensor", "channel"], default=["tensor", "channel"],
-                   help="weight granularities to sweep (default: tensor channel)")
+    p.add_argument("--observers", nargs="+", choices=sorted(OBSERVERS), default=list(observers),
+                   help=f"activation observers to sweep (default: {' '.join(observers)})")
+    p.add_argument("--granularity", nargs="+", choices=["tensor", "channel"], default=list(granularity),
+                   help=f"weight granularities to sweep (default: {' '.join(granularity)})")
     p.add_argument("--w_observer", choices=["minmax", "percentile", "mse"], default="minmax",
                    help="weight observer (default: minmax)")
-    p.add_argument("--percentile", type=float, default=99.99, help="percentile observer's percentile (default: 99.99)")
+    p.add_argument("--percentile", type=percentile_type, default=99.99, help="percentile observer's percentile (default: 99.99)")
 
 
 def build_parser(prog=None):

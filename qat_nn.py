@@ -12,7 +12,7 @@ import copy
 import os
 import time
 
-from common import Parser, add_common_args, append_rows, code_version, parse_with_config, positive_int, run, timestamp
+from common import Parser, add_common_args, append_rows, code_version, parse_with_config, positive_float, positive_int, run, timestamp
 from mnist import accuracy, add_mnist_args, fp32_model, load_mnist, train
 from ptq_nn import add_ptq_args, calib_batches, ptq, schemes
 from quant import calibrate, float_size_bytes, quant_modules, quantize_linears, quantized_size_bytes, save_quantized
@@ -24,10 +24,9 @@ def build_parser(prog=None):
     p = Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, bits_default=[8, 4, 3, 2], calib_default=1000)
     add_mnist_args(p)
-    add_ptq_args(p)
-    p.set_defaults(observers=["minmax"], granularity=["channel"])
+    add_ptq_args(p, observers=("minmax",), granularity=("channel",))
     p.add_argument("--qat_epochs", type=positive_int, default=3, help="QAT fine-tuning epochs (default: 3)")
-    p.add_argument("--qat_lr", type=float, default=1e-3, help="QAT learning rate (default: 1e-3)")
+    p.add_argument("--qat_lr", type=positive_float, default=1e-3, help="QAT learning rate (default: 1e-3)")
     p.add_argument("--lsq", action="store_true", help="learn the step sizes (LSQ) instead of min-max scales with STE")
     return p
 
@@ -64,22 +63,20 @@ def main(argv=None):
     rows = [dict(timestamp=timestamp(), method="fp32", w_bits=32, a_bits=32, observer="", w_observer="", granularity="",
                  accuracy=fp32_acc, ptq_accuracy=None, size_bytes=fp32_size, seconds=round(time.time() - t0, 2), **common)]
     print(f"FP32 test accuracy {fp32_acc:.2f}% ({len(test_x)} images)")
-    observer = args.observers[0]
-    for bits in args.bits:
-        for gran in args.granularity:
-            w_scheme, a_scheme, a_bits = schemes(bits, args.a_bits, gran)
-            ptq_acc = accuracy(ptq(model, w_scheme, a_scheme, batches, observer, args.w_observer, args.percentile,
-                                   not args.no_progress), test_x, test_y)
-            t0 = time.time()
-            q = qat(model, w_scheme, a_scheme, batches, observer, data, args)
-            acc, size = accuracy(q, test_x, test_y), quantized_size_bytes(q)
-            rows.append(dict(timestamp=timestamp(), method=method, w_bits=bits, a_bits=32 if a_bits == "none" else a_bits,
-                             observer=observer if a_scheme else "", w_observer=args.w_observer, granularity=gran,
-                             accuracy=acc, ptq_accuracy=ptq_acc, size_bytes=size, seconds=round(time.time() - t0, 2), **common))
-            print(f"W{bits}A{a_bits} {gran}: QAT ({method}) {acc:.2f}%  PTQ {ptq_acc:.2f}%  FP32 {fp32_acc:.2f}%")
-            if args.save_model:
-                save_quantized(q, os.path.join(args.models_dir, EXPERIMENT, f"{method}_w{bits}a{a_bits}_{gran}_seed{args.seed}"),
-                               extra={"accuracy": acc, "arch": "mnist_mlp"})
+    for bits, gran, observer in [(b, g, o) for b in args.bits for g in args.granularity for o in args.observers]:
+        w_scheme, a_scheme, a_bits = schemes(bits, args.a_bits, gran)
+        ptq_acc = accuracy(ptq(model, w_scheme, a_scheme, batches, observer, args.w_observer, args.percentile,
+                               not args.no_progress), test_x, test_y)
+        t0 = time.time()
+        q = qat(model, w_scheme, a_scheme, batches, observer, data, args)
+        acc, size = accuracy(q, test_x, test_y), quantized_size_bytes(q)
+        rows.append(dict(timestamp=timestamp(), method=method, w_bits=bits, a_bits=32 if a_bits == "none" else a_bits,
+                         observer=observer if a_scheme else "", w_observer=args.w_observer, granularity=gran,
+                         accuracy=acc, ptq_accuracy=ptq_acc, size_bytes=size, seconds=round(time.time() - t0, 2), **common))
+        print(f"W{bits}A{a_bits} {gran} {observer}: QAT ({method}) {acc:.2f}%  PTQ {ptq_acc:.2f}%  FP32 {fp32_acc:.2f}%")
+        if args.save_model:
+            save_quantized(q, os.path.join(args.models_dir, EXPERIMENT, f"{method}_w{bits}a{a_bits}_{gran}_{observer}_seed{args.seed}"),
+                           extra={"accuracy": acc, "arch": "mnist_mlp"})
     path = os.path.join(args.results_dir, f"{EXPERIMENT}.csv")
     append_rows(path, rows)
     print(f"appended {len(rows)} rows to {path}")

@@ -1,0 +1,136 @@
+"""Turn the results CSVs into Markdown tables and PNG plots, and put the tables in README.md.
+
+    python report.py [--results_dir results] [--readme README.md]
+
+The CSVs keep every run ever appended; a table shows the latest row of each configuration.
+Writes results/tables.md, results/ptq_nn.png, results/qat_nn.png and results/ptq_llm_<model>.png,
+and replaces the text between the `<!-- results:start -->` and `<!-- results:end -->` markers of
+the README with the tables.
+"""
+import argparse
+import os
+import re
+
+import matplotlib
+import pandas as pd
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def latest(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    return df.sort_values("timestamp").drop_duplicates(keys, keep="last")
+
+
+def md(df: pd.DataFrame) -> str:
+    return df.to_markdown(index=False, floatfmt=".2f")
+
+
+def ptq_nn(df, out_dir):
+    df = latest(df, ["method", "w_bits", "a_bits", "observer", "w_observer", "granularity", "calib_samples", "seed"])
+    fp32 = df[df.method == "fp32"].accuracy.iloc[-1]
+    q = df[df.method == "ptq"]
+    table = q.pivot_table(index=["granularity", "observer"], columns="w_bits", values="accuracy", aggfunc="last")
+    table = table[sorted(table.columns, reverse=True)]
+    table.columns = [f"W{int(c)}A8" for c in table.columns]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (gran, obs), row in q.groupby(["granularity", "observer"]):
+        row = row.sort_values("w_bits")
+        ax.plot(row.w_bits, row.accuracy, marker="o", ls="-" if gran == "channel" else "--", label=f"{obs} ({gran})")
+    ax.axhline(fp32, color="k", lw=0.8, label=f"FP32 {fp32:.2f}%")
+    ax.set(xlabel="weight bits (activations 8-bit)", ylabel="test accuracy (%)", title="MNIST MLP, PTQ", xticks=[2, 3, 4, 8])
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "ptq_nn.png"), dpi=120)
+    plt.close(fig)
+    sizes = q.groupby(["w_bits", "granularity"]).size_bytes.last().unstack()
+    return (f"FP32 accuracy {fp32:.2f}% ({int(df.test_images.iloc[-1])} test images, {int(df.fp32_size_bytes.iloc[-1])} bytes). "
+            f"Test accuracy (%) after static PTQ, activations 8-bit affine per-tensor:\n\n" + md(table.reset_index())
+            + "\n\nPacked size (bytes):\n\n" + md(sizes.reset_index().rename(columns={"w_bits": "weight bits"})))
+
+
+def qat_nn(df, out_dir):
+    df = latest(df, ["method", "w_bits", "a_bits", "granularity", "qat_epochs", "seed"])
+    fp32 = df[df.method == "fp32"].accuracy.iloc[-1]
+    q = df[df.method != "fp32"]
+    table = q.pivot_table(index="w_bits", columns="method", values="accuracy", aggfunc="last")
+    table.insert(0, "ptq", q.groupby("w_bits").ptq_accuracy.last())
+    table = table.sort_index(ascending=False).reset_index()
+    table.insert(0, "setting", [f"W{int(b)}A8" for b in table.w_bits])
+    table = table.drop(columns="w_bits")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(table.setting, table.ptq, marker="o", label="PTQ")
+    for m in [c for c in table.columns if c.startswith("qat")]:
+        ax.plot(table.setting, table[m], marker="o", label=m.replace("_", " ").upper())
+    ax.axhline(fp32, color="k", lw=0.8, label=f"FP32 {fp32:.2f}%")
+    ax.set(ylabel="test accuracy (%)", title="MNIST MLP: QAT vs PTQ (per-channel weights)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "qat_nn.png"), dpi=120)
+    plt.close(fig)
+    epochs = int(q.qat_epochs.iloc[-1])
+    return f"FP32 accuracy {fp32:.2f}%. QAT: {epochs} epochs from the FP32 checkpoint. Test accuracy (%):\n\n" + md(table)
+
+
+def ptq_llm(df, out_dir):
+    parts = []
+    df = latest(df, ["model", "method", "w_bits", "a_bits", "act", "observer", "w_observer", "group_size", "seq_len",
+                     "eval_tokens", "calib_samples", "seed"])
+    for model, g in df.groupby("model", sort=False):
+        g = g.copy()
+        g["setting"] = [("FP32" if r.method == "fp32" else f"W{int(r.w_bits)}" + (f"A{int(r.a_bits)} {r.act}" if r.act != "none" else "")
+                         + (f" g{int(r.group_size)}" if r.granularity == "group" else (" per-channel" if r.method != "fp32" else ""))
+                         + (f" {r.observer}" if isinstance(r.observer, str) and r.observer else "")) for r in g.itertuples()]
+        g["size MB"] = g.size_bytes / 1e6
+        g["Δppl"] = g.perplexity - g.fp32_perplexity
+        cols = ["setting", "method", "perplexity", "Δppl", "size MB", "seconds"]
+        t = g[cols].rename(columns={"seconds": "time (s)"})
+        r = g.iloc[-1]
+        name = re.sub(r"[^A-Za-z0-9]+", "_", os.path.basename(str(model).rstrip("/"))).strip("_")
+        fig, ax = plt.subplots(figsize=(6, 4))
+        wo = g[(g.method != "fp32") & (g.act == "none")].sort_values("w_bits")
+        for method, m in wo.groupby("method"):
+            ax.plot(m.w_bits, m.perplexity, marker="o", label=f"{method} weight-only")
+        fp32 = g[g.method == "fp32"].perplexity
+        if len(fp32):
+            ax.axhline(fp32.iloc[-1], color="k", lw=0.8, label=f"FP32 {fp32.iloc[-1]:.2f}")
+        ax.set(xlabel="weight bits", ylabel="WikiText-2 test perplexity", yscale="log", title=str(model), xticks=[2, 3, 4, 8])
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, f"ptq_llm_{name}.png"), dpi=120)
+        plt.close(fig)
+        parts.append(f"**{model}**: seq_len {int(r.seq_len)}, {int(r.eval_tokens)} evaluation tokens, "
+                     f"{int(r.calib_samples)} calibration windows from the {r.calib_split} split, {r.device}, "
+                     f"time = quantize + calibrate + evaluate.\n\n" + md(t) + f"\n\n![{model}](results/ptq_llm_{name}.png)")
+    return "\n\n".join(parts)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results_dir", default="results")
+    ap.add_argument("--readme", default="README.md")
+    args = ap.parse_args(argv)
+    sections = []
+    for name, title, fn in [("ptq_nn", "MNIST PTQ", ptq_nn), ("qat_nn", "MNIST QAT", qat_nn), ("ptq_llm", "Causal-LM PTQ", ptq_llm)]:
+        path = os.path.join(args.results_dir, f"{name}.csv")
+        if os.path.exists(path):
+            body = fn(pd.read_csv(path), args.results_dir)
+            img = f"\n\n![{title}](results/{name}.png)" if name != "ptq_llm" else ""
+            sections.append(f"### {title}\n\n{body}{img}")
+    text = "\n\n".join(sections) + "\n"
+    with open(os.path.join(args.results_dir, "tables.md"), "w") as f:
+        f.write(text)
+    if args.readme and os.path.exists(args.readme):
+        readme = open(args.readme).read()
+        if START in readme and END in readme:
+            head, rest = readme.split(START, 1)
+            readme = head + START + "\n" + text + END + rest.split(END, 1)[1]
+            with open(args.readme, "w") as f:
+                f.write(readme)
+    print(f"wrote {os.path.join(args.results_dir, 'tables.md')} and plots")
+
+
+if __name__ == "__main__":
+    main()

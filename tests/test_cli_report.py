@@ -1,0 +1,82 @@
+"""main.py configs, atomic CSV appends and the report."""
+import os
+
+import pandas as pd
+import pytest
+
+import main as main_mod
+import report
+from common import append_rows
+from tests.conftest import ROOT
+
+
+def test_append_rows_keeps_old_rows_and_adds_columns(tmp_path):
+    path = str(tmp_path / "r" / "x.csv")
+    append_rows(path, [{"a": 1, "b": 2}])
+    append_rows(path, [{"a": 3, "c": 4}])
+    df = pd.read_csv(path)
+    assert df.a.tolist() == [1, 3] and list(df.columns) == ["a", "b", "c"]
+    assert [f for f in os.listdir(tmp_path / "r")] == ["x.csv"]  # no temporary file left behind
+
+
+def test_append_rows_failure_leaves_file_intact(tmp_path, monkeypatch):
+    path = str(tmp_path / "x.csv")
+    append_rows(path, [{"a": 1}])
+    before = open(path).read()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(pd.DataFrame, "to_csv", boom)
+    with pytest.raises(OSError):
+        append_rows(path, [{"a": 2}])
+    assert open(path).read() == before and os.listdir(tmp_path) == ["x.csv"]
+
+
+def test_config_runs_and_overrides(tmp_path, shared):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("experiment: ptq_nn\nbits: [8, 4]\nobservers: [minmax]\ngranularity: [channel]\n"
+                   "runs:\n  - {}\n  - a_bits: none\n")
+    experiment, runs = main_mod.config_runs(str(cfg))
+    assert experiment == "ptq_nn" and runs == [["--config", str(cfg)], ["--config", str(cfg), "--a_bits", "none"]]
+    out = tmp_path / "out"
+    main_mod.main(["--config", str(cfg), "--bits", "8", "--results_dir", str(out), "--models_dir", str(tmp_path / "m"),
+                   "--data_dir", os.path.join(shared, "data"), "--train_subset", "3000", "--test_subset", "500",
+                   "--epochs", "1", "--no_progress", "--calib_samples", "100"])
+    df = pd.read_csv(out / "ptq_nn.csv")
+    q = df[df.method == "ptq"]
+    assert sorted(q.a_bits.tolist()) == [8, 32] and set(q.w_bits) == {8}  # the explicit --bits 8 won
+
+
+def test_config_unknown_key_is_an_error(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("bitz: [8]\n")
+    with pytest.raises(SystemExit) as e:
+        main_mod.main(["--config", str(cfg)])
+    assert e.value.code == 2
+
+
+def test_shipped_configs_parse():
+    import importlib
+    for name in os.listdir(os.path.join(ROOT, "configs")):
+        path = os.path.join(ROOT, "configs", name)
+        experiment, runs = main_mod.config_runs(path)
+        parser = importlib.import_module(experiment).build_parser()
+        from common import parse_with_config
+        for argv in runs:
+            parse_with_config(parser, argv)
+
+
+def test_report_tables_and_plots(tmp_path):
+    out = tmp_path / "res"
+    out.mkdir()
+    for name in ("ptq_nn", "qat_nn", "ptq_llm"):
+        src = os.path.join(ROOT, "results", f"{name}.csv")
+        if os.path.exists(src):
+            pd.read_csv(src).to_csv(out / f"{name}.csv", index=False)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\noutro\n")
+    report.main(["--results_dir", str(out), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro") and text.rstrip().endswith("outro")
+    assert "### MNIST PTQ" in text and "W2A8" in text
+    assert (out / "ptq_nn.png").stat().st_size > 1000 and (out / "qat_nn.png").stat().st_size > 1000
