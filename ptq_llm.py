@@ -49,7 +49,9 @@ def build_parser(prog=None):
     p.add_argument("--observers", nargs="+", choices=["minmax", "ema", "percentile", "mse", "entropy"], default=["minmax"],
                    help="observers for static activation scales (default: minmax)")
     p.add_argument("--percentile", type=percentile_type, default=99.99, help="percentile observer's percentile (default: 99.99)")
-    p.add_argument("--quantize_head", action="store_true", help="quantize lm_head too (kept float by default)")
+    p.add_argument("--quantize_embeddings", action="store_true",
+                   help="quantize lm_head and the embedding tables too, weight-only with the same weight scheme "
+                        "(kept float by default; tied weights become two quantized copies)")
     p.add_argument("--skip_fp32", action="store_true", help="do not evaluate the FP32 baseline (its row is then absent)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="evaluation dtype (default: float32)")
@@ -113,7 +115,7 @@ def main(argv=None):
           f"({time.time() - t_load:.1f}s)")
     float_state = {k: v.clone() for k, v in model.state_dict().items()}
     fp32_size = float_size_bytes(model)
-    skip = () if args.quantize_head else ("lm_head",)
+    skip = () if args.quantize_embeddings else ("lm_head",)
     progress = not args.no_progress
     base = dict(experiment=EXPERIMENT, model=args.model_name, calib_samples=args.calib_samples, calib_split=calib_split,
                 seq_len=args.seq_len, eval_tokens=eval_tokens, fp32_size_bytes=fp32_size, seed=args.seed, code=code_version(),
@@ -132,7 +134,8 @@ def main(argv=None):
         t0 = time.time()
         qmodel = copy.deepcopy(model)
         w_scheme, a_scheme = weight_scheme(w_bits, args.group_size), act_scheme(act, args.a_bits)
-        swapped = quantize_linears(qmodel, w_scheme, a_scheme, skip=skip, group_fallback=True, w_observer=args.w_observer)
+        swapped = quantize_linears(qmodel, w_scheme, a_scheme, skip=skip, group_fallback=True,
+                                   embeddings=args.quantize_embeddings, w_observer=args.w_observer)
         if not swapped:
             raise UsageError(f"no linear layers to quantize in {args.model_name}")
         fallback = [n for n, s in swapped.items() if s.granularity != w_scheme.granularity]

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .modules import QuantLinear, is_conv1d, quant_modules
+from .modules import QuantEmbedding, QuantLinear, is_conv1d, quant_modules
 from .packing import pack, unpack
 from .scheme import QScheme
 
@@ -43,8 +43,9 @@ def export_tensors(model: torch.nn.Module):
             if not m.act_quant.scheme.dynamic:
                 tensors[f"{name}.act_scale"] = m.act_quant.scale.detach().float().contiguous()
                 tensors[f"{name}.act_zero_point"] = m.act_quant.zero_point.detach().float().contiguous()
-        layers[name] = {"weight": s.to_dict(), "act": act, "shape": [m.out_features, m.in_features],
-                        "layout": list(codes.shape), "bias": m.bias is not None}
+        layers[name] = {"kind": "embedding" if isinstance(m, QuantEmbedding) else "linear", "weight": s.to_dict(),
+                        "act": act, "shape": [m.out_features, m.in_features], "layout": list(codes.shape),
+                        "bias": m.bias is not None, "padding_idx": getattr(m, "padding_idx", None)}
     owned = tuple(k for name in qmods for k in _owned_keys(name))
     seen, tied = {}, {}
     for key, t in model.state_dict(keep_vars=False).items():
@@ -114,14 +115,19 @@ def load_quantized(model: torch.nn.Module, folder: str) -> torch.nn.Module:
             module = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"checkpoint does not match the model: it has no layer {name!r}") from None
-        if not (isinstance(module, torch.nn.Linear) or is_conv1d(module)):
-            raise ValueError(f"checkpoint layer {name} is a {type(module).__name__} in this model, expected a linear layer")
+        embedding = lc.get("kind") == "embedding"
+        if not (isinstance(module, torch.nn.Embedding) if embedding else isinstance(module, torch.nn.Linear) or is_conv1d(module)):
+            raise ValueError(f"checkpoint layer {name} is a {type(module).__name__} in this model, "
+                             f"expected {'an embedding' if embedding else 'a linear layer'}")
         w_scheme = QScheme(**lc["weight"])
         a_scheme = QScheme(**lc["act"]) if lc["act"] else None
         out_f, in_f = lc["shape"]
-        q = QuantLinear(torch.zeros(out_f, in_f, device=device, dtype=torch.float32),
-                        torch.zeros(out_f, device=device) if lc["bias"] else None,
-                        w_scheme, a_scheme, fit_weight=False)
+        zeros = torch.zeros(out_f, in_f, device=device, dtype=torch.float32)
+        if embedding:
+            q = QuantEmbedding(zeros, w_scheme, lc.get("padding_idx"), fit_weight=False)
+        else:
+            q = QuantLinear(zeros, torch.zeros(out_f, device=device) if lc["bias"] else None, w_scheme, a_scheme,
+                            fit_weight=False)
         scale = tensors.pop(f"{name}.weight_scale").to(device)
         zp_key = f"{name}.weight_zero_point"
         zp = (tensors.pop(zp_key).float() + w_scheme.qmin) if zp_key in tensors else \

@@ -149,27 +149,54 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, qat={self.qat}"
 
 
+class QuantEmbedding(QuantLinear):
+    """Weight-only quantized nn.Embedding. Its (num_embeddings, dim) table has the layout of a
+    Linear weight: rows are the channels and groups run along the embedding dimension, so the
+    schemes, freezing and checkpoints of QuantLinear apply as they are."""
+
+    def __init__(self, weight: torch.Tensor, w_scheme: QScheme, padding_idx: int | None = None, **kwargs):
+        super().__init__(weight, None, w_scheme, None, **kwargs)
+        self.padding_idx = padding_idx
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if self.qat:
+            if not self.weight_quant.learnable:
+                with torch.no_grad():
+                    self.weight_quant.fit(w)
+            w = self.weight_quant(w)
+        return F.embedding(ids, w, self.padding_idx)
+
+    def extra_repr(self) -> str:
+        return f"num={self.out_features}, dim={self.in_features}, qat={self.qat}"
+
+
 def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def quantize_linears(model: nn.Module, w_scheme: QScheme, a_scheme: QScheme | None = None, *,
-                     include=("*",), skip=(), group_fallback: bool = False, **kwargs) -> dict:
+                     include=("*",), skip=(), group_fallback: bool = False, embeddings: bool = False, **kwargs) -> dict:
     """Swap every nn.Linear / Conv1D whose name matches `include` and no `skip` pattern (fnmatch
-    globs, e.g. "lm_head" or "*.mlp.*") for a QuantLinear, in place.
+    globs, e.g. "lm_head" or "*.mlp.*") for a QuantLinear, in place; with embeddings=True, every
+    matching nn.Embedding too (weight-only: a_scheme does not apply to token ids).
 
     With group_fallback, a layer whose input dimension is smaller than the group size gets
     per-channel quantization instead of an error. Returns {name: weight scheme used}.
     """
     swapped = {}
+    kinds = (nn.Linear, nn.Embedding) if embeddings else (nn.Linear,)
     targets = [(n, m) for n, m in model.named_modules()
-               if n and (isinstance(m, nn.Linear) or is_conv1d(m)) and _matches(n, include) and not _matches(n, skip)]
+               if n and (isinstance(m, kinds) or is_conv1d(m)) and _matches(n, include) and not _matches(n, skip)]
     for name, module in targets:
         scheme = w_scheme
         in_features = module.weight.shape[0] if is_conv1d(module) else module.weight.shape[1]
         if group_fallback and scheme.granularity == "group" and scheme.group_size > in_features:
             scheme = QScheme(scheme.bits, scheme.symmetric, scheme.signed, "channel", axis=0)
-        qmodule = QuantLinear.from_module(module, scheme, a_scheme, **kwargs)
+        if isinstance(module, nn.Embedding):
+            qmodule = QuantEmbedding(module.weight, scheme, module.padding_idx, **kwargs)
+        else:
+            qmodule = QuantLinear.from_module(module, scheme, a_scheme, **kwargs)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, qmodule)
         swapped[name] = scheme

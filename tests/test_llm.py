@@ -72,14 +72,15 @@ def test_stories260k_w8_within_1_percent_and_reload_bit_exact(stories, shared, t
     assert perplexity(model, windows, 4, "cpu", progress=False) == w8
 
 
-@pytest.mark.parametrize("w,a", [(QScheme(4, granularity="group", group_size=32), None),
-                                 (QScheme(8, granularity="channel"), QScheme(8, symmetric=False))])
-def test_save_reload_bit_identical_logits(stories, tiny_gpt2, tmp_path, w, a):
+@pytest.mark.parametrize("w,a,embeddings", [(QScheme(4, granularity="group", group_size=32), None, False),
+                                            (QScheme(8, granularity="channel"), QScheme(8, symmetric=False), False),
+                                            (QScheme(4, symmetric=False, granularity="group", group_size=32), None, True)])
+def test_save_reload_bit_identical_logits(stories, tiny_gpt2, tmp_path, w, a, embeddings):
     from transformers import AutoModelForCausalLM
     for source in (stories, tiny_gpt2):
         model = AutoModelForCausalLM.from_pretrained(source).eval()
         ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
-        quantize_linears(model, w, a, skip=("lm_head",), group_fallback=True)
+        quantize_linears(model, w, a, skip=() if embeddings else ("lm_head",), group_fallback=True, embeddings=embeddings)
         calibrate(model, [ids], progress=False)
         with torch.no_grad():
             logits = model(ids).logits

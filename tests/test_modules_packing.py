@@ -167,3 +167,19 @@ def test_qat_weight_gets_gradients_and_lsq_scale_learns():
             assert layer.weight_quant.scale.grad is not None
         layer.freeze()
         assert not layer.qat and not layer.weight.requires_grad
+
+
+def test_quant_embedding_and_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"emb": nn.Embedding(40, 24, padding_idx=0), "proj": nn.Linear(24, 8)})
+    swapped = quantize_linears(model, QScheme(4, granularity="group", group_size=8), embeddings=True)
+    assert sorted(swapped) == ["emb", "proj"]
+    ids = torch.tensor([[0, 5, 39], [3, 3, 1]])
+    emb = model["emb"]
+    assert all(len(torch.unique(row[:8])) <= 16 for row in emb.weight)
+    assert torch.equal(emb(ids), nn.functional.embedding(ids, emb.weight))
+    save_quantized(model, str(tmp_path / "e"))
+    fresh = nn.ModuleDict({"emb": nn.Embedding(40, 24, padding_idx=0), "proj": nn.Linear(24, 8)})
+    load_quantized(fresh, str(tmp_path / "e"))
+    assert torch.equal(fresh["proj"](fresh["emb"](ids)), model["proj"](model["emb"](ids)))
+    assert fresh["emb"].padding_idx == 0
