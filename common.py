@@ -71,6 +71,16 @@ def positive_float(s):
     return v
 
 
+def unit_float(s):
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {s!r}") from None
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {v}")
+    return v
+
+
 bits_type = int_range(2, 8, "bits")
 positive_int = int_range(1, None, "positive_int")
 

@@ -73,15 +73,21 @@ def load_config(name: str, gguf_file: str | None = None):
         raise UsageError(f"cannot load the config of model {name!r} from {source}: {str(e).splitlines()[0]}") from None
 
 
-def load_model(name: str, device: str, dtype: torch.dtype = torch.float32, gguf_file: str | None = None):
+def load_model(name: str, device: str, dtype: torch.dtype = torch.float32, gguf_file: str | None = None,
+               device_map: str | None = None):
+    """(model, tokenizer). With device_map (e.g. "auto"), accelerate places the layers over the GPUs,
+    the CPU and disk, and moves each in when it runs; otherwise the model goes to `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     source, kw = locate(name, gguf_file)
     try:
         tok = AutoTokenizer.from_pretrained(source, **kw)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
+        if device_map:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map, **kw)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw).to(device)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load model {name!r} from {source}: {str(e).splitlines()[0]}") from None
-    return model.to(device).eval(), tok
+    return model.eval(), tok
 
 
 def context_length(cfg) -> int | None:

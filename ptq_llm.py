@@ -6,9 +6,15 @@ copy of the float weights, calibrate static activation scales on --calib_samples
 of the train split (validation when train is absent; never test), evaluate, and append a row to
 results/ptq_llm.csv.
 
-Configurations: weight-only round-to-nearest (RTN) at each --bits (per-group --group_size below
-8 bits, per-channel at 8), and with --act static/dynamic, W{--act_w_bits}A{--a_bits} with static
-per-tensor activation scales (from the --observers) or dynamic per-token activations.
+Configurations: weight-only at each --bits (per-group --group_size below 8 bits, per-channel at
+8), and with --act static/dynamic, W{--act_w_bits}A{--a_bits} with static per-tensor activation
+scales (from the --observers) or dynamic per-token activations. Each runs with every --method:
+  rtn          round-to-nearest weights, activations calibrated over the whole model
+  gptq         GPTQ weights (Hessian-based error feedback), block by block
+  awq          AWQ: activation-aware scales folded into the preceding op + clip search, block by block
+  smoothquant  SmoothQuant (alpha --sq_alpha) folded into the norms, then RTN; with --act static/dynamic only
+The block-by-block methods calibrate each decoder block on the outputs of the already-quantized
+blocks before it (peak memory: one block plus one layer's calibration activations).
 
     python main.py --model_name=distilgpt2 --calib_samples=200 --seq_len=128
 """
@@ -20,10 +26,15 @@ import time
 
 import torch
 
-from common import (Parser, UsageError, add_common_args, append_rows, bits_type, code_version, parse_with_config, percentile_type, pick_device,
+from common import (Parser, UsageError, add_common_args, append_rows, bits_type, code_version, parse_with_config, percentile_type, pick_device, positive_float, unit_float,
                     positive_int, run, timestamp)
 from llm import calib_windows, context_length, eval_windows, load_config, load_model, perplexity, tokenize, wikitext_text
-from quant import (QScheme, calibrate, float_size_bytes, quantize_linears, quantized_size_bytes, save_quantized)
+from quant import (QScheme, calibrate, float_size_bytes, quant_modules, quantize_linears, quantized_size_bytes,
+                   save_quantized)
+from quant.gptq import gptq_block
+from quant.modules import layer_scheme
+from quant.sequential import run_block, sequential_quantize
+from quant.smoothing import awq_block, smooth_block, weight_matrix
 
 EXPERIMENT = "ptq_llm"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -41,6 +52,7 @@ def build_parser(prog=None):
     p.add_argument("--group_size", type=int, default=128,
                    help="weight group size below 8 bits; 0 = per-channel (default: 128)")
     p.add_argument("--w_observer", choices=["minmax", "mse"], default="minmax", help="weight observer (default: minmax)")
+    p.add_argument("--w_asym", action="store_true", help="asymmetric (zero-point) weights instead of symmetric")
     p.add_argument("--act", nargs="+", choices=["none", "static", "dynamic"], default=["none", "static", "dynamic"],
                    help="activation modes: none = weight-only at each --bits; static / dynamic = W{act_w_bits}A{a_bits} "
                         "(default: none static dynamic)")
@@ -52,6 +64,17 @@ def build_parser(prog=None):
     p.add_argument("--quantize_embeddings", action="store_true",
                    help="quantize lm_head and the embedding tables too, weight-only with the same weight scheme "
                         "(kept float by default; tied weights become two quantized copies)")
+    p.add_argument("--method", nargs="+", choices=["rtn", "gptq", "awq", "smoothquant"], default=["rtn"],
+                   help="quantization algorithms (default: rtn)")
+    p.add_argument("--gptq_block_size", type=positive_int, default=128, help="GPTQ lazy-update block (default: 128)")
+    p.add_argument("--gptq_damp", type=positive_float, default=0.01, help="GPTQ dampening, fraction of mean diag(H) (default: 0.01)")
+    p.add_argument("--act_order", action="store_true", help="GPTQ: quantize columns in decreasing Hessian-diagonal order")
+    p.add_argument("--awq_grid", type=positive_int, default=20, help="AWQ: alpha values searched in [0, 1) (default: 20)")
+    p.add_argument("--awq_tokens", type=positive_int, default=4096, help="AWQ: calibration tokens per layer for the searches (default: 4096)")
+    p.add_argument("--sq_alpha", type=unit_float, default=0.5, help="SmoothQuant migration strength in [0, 1] (default: 0.5)")
+    p.add_argument("--device_map", default=None,
+                   help="accelerate device map for models larger than one device, e.g. auto (each configuration then reloads "
+                        "the model from disk instead of copying it in memory)")
     p.add_argument("--skip_fp32", action="store_true", help="do not evaluate the FP32 baseline (its row is then absent)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="evaluation dtype (default: float32)")
@@ -71,16 +94,64 @@ def configurations(args):
     return out
 
 
-def weight_scheme(bits, group_size):
+def weight_scheme(bits, group_size, symmetric=True):
     if bits < 8 and group_size:
-        return QScheme(bits, symmetric=True, granularity="group", group_size=group_size)
-    return QScheme(bits, symmetric=True, granularity="channel", axis=0)
+        return QScheme(bits, symmetric=symmetric, granularity="group", group_size=group_size)
+    return QScheme(bits, symmetric=symmetric, granularity="channel", axis=0)
 
 
 def act_scheme(mode, bits):
     if mode == "none":
         return None
     return QScheme(bits, symmetric=False, granularity="token" if mode == "dynamic" else "tensor")
+
+
+def method_args(method, args) -> str:
+    return {"rtn": "", "gptq": f"block={args.gptq_block_size} damp={args.gptq_damp} act_order={args.act_order}",
+            "awq": f"grid={args.awq_grid} tokens={args.awq_tokens}", "smoothquant": f"alpha={args.sq_alpha}"}[method]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MB): on CPU, what the runs up to this row needed."""
+    import resource
+    import sys
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kb / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def quantize(model, method, w_scheme, a_scheme, observer, calib, device, args) -> None:
+    """Quantize `model` in place with one method. lm_head and embeddings stay float unless
+    --quantize_embeddings (then round-to-nearest, weight-only for the block-by-block methods)."""
+    progress = not args.no_progress
+    obs_kw = {"percentile": args.percentile} if observer == "percentile" else {}
+    batches = calib.split(args.batch_size)
+    if method == "rtn":
+        skip = () if args.quantize_embeddings else ("lm_head",)
+        quantize_linears(model, w_scheme, a_scheme, skip=skip, group_fallback=True,
+                         embeddings=args.quantize_embeddings, w_observer=args.w_observer)
+        if a_scheme is not None and not a_scheme.dynamic:
+            calibrate(model, batches, observer=observer, forward=lambda m, b: m(b.to(device)),
+                      desc=f"calibrate {observer}", progress=progress, **obs_kw)
+        return
+
+    def scheme_for(name, module):
+        return layer_scheme(w_scheme, weight_matrix(module).shape[1])
+
+    def process(index, block, inputs):
+        if method == "gptq":
+            gptq_block(block, inputs, scheme_for, a_scheme, block_size=args.gptq_block_size, percdamp=args.gptq_damp,
+                       act_order=args.act_order)
+        elif method == "awq":
+            awq_block(block, inputs, scheme_for, a_scheme, n_grid=args.awq_grid, max_rows=args.awq_tokens)
+        else:  # smoothquant: fold the smoothing scales, then round to nearest
+            smooth_block(block, inputs, args.sq_alpha)
+            quantize_linears(block, w_scheme, a_scheme, group_fallback=True, w_observer=args.w_observer)
+        if a_scheme is not None and not a_scheme.dynamic:  # static scales from this block's real inputs
+            calibrate(block, inputs, observer=observer, forward=lambda m, inp: run_block(m, *inp), progress=False, **obs_kw)
+
+    sequential_quantize(model, batches, device, process, progress=progress, desc=f"{method} blocks")
+    if args.quantize_embeddings:
+        quantize_linears(model, w_scheme, None, group_fallback=True, embeddings=True, w_observer=args.w_observer)
 
 
 def main(argv=None):
@@ -98,7 +169,7 @@ def main(argv=None):
     if args.no_progress:
         import transformers
         transformers.utils.logging.disable_progress_bar()
-    model, tok = load_model(args.model_name, device, dtype, args.gguf_file)
+    model, tok = load_model(args.model_name, device, dtype, args.gguf_file, args.device_map)
     test_ids = tokenize(tok, wikitext_text("test", args.data_dir))
     calib_split = "train"
     calib_text = wikitext_text("train", args.data_dir)
@@ -113,9 +184,7 @@ def main(argv=None):
     print(f"{args.model_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on {device}; "
           f"eval {len(windows)} windows x {args.seq_len} = {eval_tokens} tokens; calib {len(calib)} windows from {calib_split} "
           f"({time.time() - t_load:.1f}s)")
-    float_state = {k: v.clone() for k, v in model.state_dict().items()}
     fp32_size = float_size_bytes(model)
-    skip = () if args.quantize_embeddings else ("lm_head",)
     progress = not args.no_progress
     base = dict(experiment=EXPERIMENT, model=args.model_name, calib_samples=args.calib_samples, calib_split=calib_split,
                 seq_len=args.seq_len, eval_tokens=eval_tokens, fp32_size_bytes=fp32_size, seed=args.seed, code=code_version(),
@@ -127,43 +196,47 @@ def main(argv=None):
         fp32_ppl = perplexity(model, windows, args.batch_size, device, progress, desc="eval fp32")
         rows.append(dict(timestamp=timestamp(), method="fp32", w_bits=32, a_bits=32, act="none", observer="", w_observer="",
                          granularity="", group_size=None, perplexity=fp32_ppl, fp32_perplexity=fp32_ppl,
-                         size_bytes=fp32_size, seconds=round(time.time() - t0, 2), notes="", **base))
+                         size_bytes=fp32_size, seconds=round(time.time() - t0, 2), notes="", peak_rss_mb=peak_rss_mb(),
+                         **base))
         print(f"FP32 perplexity {fp32_ppl:.3f}  ({fp32_size} bytes)")
 
-    for w_bits, act, observer in configurations(args):
-        t0 = time.time()
-        qmodel = copy.deepcopy(model)
-        w_scheme, a_scheme = weight_scheme(w_bits, args.group_size), act_scheme(act, args.a_bits)
-        swapped = quantize_linears(qmodel, w_scheme, a_scheme, skip=skip, group_fallback=True,
-                                   embeddings=args.quantize_embeddings, w_observer=args.w_observer)
-        if not swapped:
-            raise UsageError(f"no linear layers to quantize in {args.model_name}")
-        fallback = [n for n, s in swapped.items() if s.granularity != w_scheme.granularity]
-        notes = f"per-channel for {len(fallback)} layers with inputs < group {args.group_size}" if fallback else ""
-        if act == "static":
-            kw = {"percentile": args.percentile} if observer == "percentile" else {}
-            calibrate(qmodel, calib.split(args.batch_size), observer=observer,
-                      forward=lambda m, b: m(b.to(device)), desc=f"calibrate {observer}", progress=progress, **kw)
-        t_quant = time.time() - t0
-        ppl = perplexity(qmodel, windows, args.batch_size, device, progress, desc=f"eval W{w_bits} {act}")
-        size = quantized_size_bytes(qmodel)
-        label = f"W{w_bits}" + (f"A{args.a_bits} {act}" if act != "none" else "") + f" {w_scheme.describe()}" \
-            + (f" {observer}" if observer else "")
-        rows.append(dict(timestamp=timestamp(), method="rtn", w_bits=w_bits, a_bits=args.a_bits if act != "none" else 32,
-                         act=act, observer=observer, w_observer=args.w_observer, granularity=w_scheme.granularity,
-                         group_size=w_scheme.group_size, perplexity=ppl, fp32_perplexity=fp32_ppl, size_bytes=size,
-                         quant_seconds=round(t_quant, 2), seconds=round(time.time() - t0, 2), notes=notes, **base))
-        print(f"{label:40s} perplexity {ppl:.3f}  size {size} bytes ({size / fp32_size:.1%} of float)"
-              + (f"  [{notes}]" if notes else ""))
-        if args.save_model:
-            tag = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{os.path.basename(args.model_name.rstrip('/'))}_{label}").strip("_")
-            folder = save_quantized(qmodel, os.path.join(args.models_dir, EXPERIMENT, tag),
-                                    extra={"perplexity": ppl, "model_name": args.model_name, "seq_len": args.seq_len})
-            qmodel.config.save_pretrained(folder)
-            tok.save_pretrained(folder)
-            print(f"saved {folder}")
-        del qmodel
-    model.load_state_dict(float_state)  # the float model is never modified; this only guards against it
+    for method in args.method:
+        for w_bits, act, observer in configurations(args):
+            if method == "smoothquant" and act == "none":
+                continue  # smoothing only helps quantized activations
+            t0 = time.time()
+            if args.device_map:
+                qmodel = load_model(args.model_name, device, dtype, args.gguf_file, args.device_map)[0]
+            else:
+                qmodel = copy.deepcopy(model)
+            w_scheme, a_scheme = weight_scheme(w_bits, args.group_size, not args.w_asym), act_scheme(act, args.a_bits)
+            quantize(qmodel, method, w_scheme, a_scheme, observer, calib, device, args)
+            schemes = {n: m.weight_quant.scheme for n, m in quant_modules(qmodel).items()}
+            if not schemes:
+                raise UsageError(f"no linear layers to quantize in {args.model_name}")
+            fallback = [n for n, sch in schemes.items() if sch.granularity != w_scheme.granularity]
+            notes = f"per-channel for {len(fallback)} layers with inputs < group {args.group_size}" if fallback else ""
+            t_quant = time.time() - t0
+            ppl = perplexity(qmodel, windows, args.batch_size, device, progress, desc=f"eval {method} W{w_bits} {act}")
+            size = quantized_size_bytes(qmodel)
+            label = f"{method} W{w_bits}" + (f"A{args.a_bits} {act}" if act != "none" else "") + f" {w_scheme.describe()}" \
+                + (f" {observer}" if observer else "")
+            rows.append(dict(timestamp=timestamp(), method=method, w_bits=w_bits, a_bits=args.a_bits if act != "none" else 32,
+                             act=act, observer=observer, w_observer=args.w_observer, granularity=w_scheme.granularity,
+                             w_symmetric=w_scheme.symmetric,
+                             group_size=w_scheme.group_size, perplexity=ppl, fp32_perplexity=fp32_ppl, size_bytes=size,
+                             quant_seconds=round(t_quant, 2), seconds=round(time.time() - t0, 2), notes=notes,
+                             method_args=method_args(method, args), peak_rss_mb=peak_rss_mb(), **base))
+            print(f"{label:44s} perplexity {ppl:.3f}  size {size} bytes ({size / fp32_size:.1%} of float)  "
+                  f"quantize {t_quant:.1f}s" + (f"  [{notes}]" if notes else ""))
+            if args.save_model:
+                tag = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{os.path.basename(args.model_name.rstrip('/'))}_{label}").strip("_")
+                folder = save_quantized(qmodel, os.path.join(args.models_dir, EXPERIMENT, tag),
+                                        extra={"perplexity": ppl, "model_name": args.model_name, "seq_len": args.seq_len})
+                qmodel.config.save_pretrained(folder)
+                tok.save_pretrained(folder)
+                print(f"saved {folder}")
+            del qmodel
     path = os.path.join(args.results_dir, f"{EXPERIMENT}.csv")
     append_rows(path, rows)
     print(f"appended {len(rows)} rows to {path}")

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .modules import QuantEmbedding, QuantLinear, is_conv1d, quant_modules
+from .modules import QuantEmbedding, QuantLinear, is_conv1d, quant_modules, replace_module
 from .packing import pack, unpack
 from .scheme import QScheme
 
@@ -141,8 +141,7 @@ def load_quantized(model: torch.nn.Module, folder: str) -> torch.nn.Module:
         q.weight.requires_grad_(False)
         if a_scheme is not None and not a_scheme.dynamic:
             q.act_quant.set_qparams(tensors.pop(f"{name}.act_scale").to(device), tensors.pop(f"{name}.act_zero_point").to(device))
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, q)
+        replace_module(model, name, q)
     for alias, source in config["tied"].items():
         tensors[alias] = tensors[source]
     missing, unexpected = model.load_state_dict(tensors, strict=False)

@@ -133,6 +133,15 @@ class QuantLinear(nn.Module):
             self.weight_quant.set_qparams(self.weight_quant.scale, self.weight_quant.zero_point)
         self.qat = False
 
+    @torch.no_grad()
+    def set_quantized_weight(self, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Install a weight computed elsewhere (GPTQ, AWQ) with its scales. Fake-quantizing it
+        once more is a no-op for a weight on the grid, and guarantees that it is on it."""
+        self.weight_quant.set_qparams(scale.to(self.weight.device), zero_point.to(self.weight.device))
+        self.weight.data = self.weight_quant(weight.to(self.weight)).detach()
+        self.weight.requires_grad_(False)
+        self.qat = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_quant is not None:
             x = self.act_quant(x)
@@ -171,6 +180,18 @@ class QuantEmbedding(QuantLinear):
         return f"num={self.out_features}, dim={self.in_features}, qat={self.qat}"
 
 
+def layer_scheme(scheme: QScheme, in_features: int) -> QScheme:
+    """The scheme for a layer: per-channel when its input is smaller than the group."""
+    if scheme.granularity == "group" and scheme.group_size > in_features:
+        return QScheme(scheme.bits, scheme.symmetric, scheme.signed, "channel", axis=0)
+    return scheme
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
 def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -189,16 +210,13 @@ def quantize_linears(model: nn.Module, w_scheme: QScheme, a_scheme: QScheme | No
     targets = [(n, m) for n, m in model.named_modules()
                if n and (isinstance(m, kinds) or is_conv1d(m)) and _matches(n, include) and not _matches(n, skip)]
     for name, module in targets:
-        scheme = w_scheme
         in_features = module.weight.shape[0] if is_conv1d(module) else module.weight.shape[1]
-        if group_fallback and scheme.granularity == "group" and scheme.group_size > in_features:
-            scheme = QScheme(scheme.bits, scheme.symmetric, scheme.signed, "channel", axis=0)
+        scheme = layer_scheme(w_scheme, in_features) if group_fallback else w_scheme
         if isinstance(module, nn.Embedding):
             qmodule = QuantEmbedding(module.weight, scheme, module.padding_idx, **kwargs)
         else:
             qmodule = QuantLinear.from_module(module, scheme, a_scheme, **kwargs)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, qmodule)
+        replace_module(model, name, qmodule)
         swapped[name] = scheme
     return swapped
 

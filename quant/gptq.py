@@ -1,0 +1,116 @@
+"""GPTQ (Frantar et al. 2022): quantize a weight column by column, pushing each column's
+rounding error onto the columns not yet quantized through the inverse Hessian of the layer's
+inputs (H = 2 X X^T / n), so that the layer's output error ||WX - QX|| stays small.
+
+Implemented: dampening (a fraction of the mean diagonal added to H), lazy block updates
+(errors applied to the rest of the matrix once per block of columns), per-channel or per-group
+scales (groups computed when the algorithm reaches them, from the already-updated weights), and
+act-order (columns in order of decreasing Hessian diagonal; groups then keep their contiguous
+columns and their scales are fixed up front from the original weights — "static groups" — so
+that the checkpoint layout is unchanged).
+"""
+import torch
+
+from .fake_quant import fake_quantize
+from .scheme import QScheme, qparams_from_range
+
+
+class Hessian:
+    """Running H = 2/n * sum x x^T over every input row seen (bounded: in x in floats)."""
+
+    def __init__(self, in_features: int, device=None):
+        self.H = torch.zeros(in_features, in_features, device=device, dtype=torch.float32)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        m = x.shape[0]
+        self.H *= self.n / (self.n + m)
+        self.n += m
+        x = x * (2.0 / self.n) ** 0.5
+        self.H += x.t() @ x
+
+
+def _params(w: torch.Tensor, scheme: QScheme):
+    """Per-row scale / zero point of a (rows, cols) slice for the scheme's bits and symmetry."""
+    return qparams_from_range(w.amin(1, keepdim=True), w.amax(1, keepdim=True), scheme)
+
+
+@torch.no_grad()
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QScheme, block_size: int = 128,
+                  percdamp: float = 0.01, act_order: bool = False):
+    """Quantize W (out, in) given H (in, in). Returns (Q, scale, zero_point), Q on the grid and
+    the scales shaped as QScheme.param_shape of W's layout."""
+    if scheme.granularity not in ("tensor", "channel", "group") or (scheme.granularity == "channel" and scheme.axis not in (0, -2)):
+        raise ValueError(f"GPTQ needs per-tensor, per-output-channel or per-group weights, got {scheme.describe()}")
+    scheme.check_shape(W.shape)
+    W = W.detach().clone().float()
+    out_f, in_f = W.shape
+    H = H.clone().float()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(in_f, device=H.device)
+
+    g = scheme.group_size if scheme.granularity == "group" else None
+    n_groups = -(-in_f // g) if g else 1
+    scales = torch.zeros(out_f, n_groups, device=W.device)
+    zeros = torch.zeros(out_f, n_groups, device=W.device)
+    if scheme.granularity == "tensor":
+        s, z = qparams_from_range(W.min(), W.max(), scheme)
+        scales[:], zeros[:] = s, z
+    elif scheme.granularity == "channel" or act_order:
+        for k in range(n_groups):  # fixed up front: per-channel, or static groups under act-order
+            cols = slice(k * g, (k + 1) * g) if g else slice(None)
+            s, z = _params(W[:, cols], scheme)
+            scales[:, k], zeros[:, k] = s[:, 0], z[:, 0]
+    lazy_groups = g is not None and not act_order
+
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f, device=W.device)
+    W, H = W[:, perm], H[perm][:, perm]
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+    Q = torch.zeros_like(W)
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            group = col // g if g else 0
+            if lazy_groups and col % g == 0:
+                # this group's scales, from its columns as updated so far
+                s, z = _params(torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :g], scheme)
+                scales[:, group], zeros[:, group] = s[:, 0], z[:, 0]
+            w = W1[:, i]
+            q = fake_quantize(w, scales[:, group], zeros[:, group], scheme.qmin, scheme.qmax)
+            Q[:, i1 + i] = q
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    Q = Q[:, torch.argsort(perm)]
+    if scheme.granularity == "group":
+        return Q, scales.unsqueeze(-1), zeros.unsqueeze(-1)
+    if scheme.granularity == "channel":
+        return Q, scales, zeros  # (out, 1)
+    return Q, scales[0, 0], zeros[0, 0]
+
+
+@torch.no_grad()
+def gptq_block(block, inputs: list, scheme_for, a_scheme=None, skip=(), **gptq_kwargs) -> None:
+    """GPTQ on every linear of one decoder block: one pass over the calibration inputs collects
+    each layer's Hessian, then each weight is quantized and its layer swapped for a QuantLinear."""
+    from .modules import QuantLinear, replace_module
+    from .sequential import collect_inputs
+    from .smoothing import is_linear, weight_matrix
+    linears = {n: m for n, m in block.named_modules() if is_linear(m) and n not in skip}
+    hessians = {n: Hessian(weight_matrix(m).shape[1], device=m.weight.device) for n, m in linears.items()}
+    collect_inputs(block, inputs, linears, lambda name, x: hessians[name].add(x))
+    for name, m in linears.items():
+        scheme = scheme_for(name, m)
+        q, scale, zp = gptq_quantize(weight_matrix(m), hessians.pop(name).H, scheme, **gptq_kwargs)
+        qm = QuantLinear.from_module(m, scheme, a_scheme, fit_weight=False)
+        qm.set_quantized_weight(q, scale, zp)
+        replace_module(block, name, qm)

@@ -1,0 +1,81 @@
+"""Sequential (block-by-block) calibration of decoder-only transformers.
+
+The model runs only up to its first decoder block to capture that block's inputs; then each
+block in turn is handed to a `process` callback (which collects statistics through hooks and
+quantizes the block in place), and the block's outputs, recomputed through the now-quantized
+block, become the next block's inputs. Peak memory is one block's working set plus the
+calibration activations of one layer, never the whole model's activations, and each block is
+calibrated on what the quantized blocks before it actually produce (as in GPTQ).
+
+Models loaded with accelerate's device_map / CPU offload work unchanged: each block's own hooks
+move its weights in when it runs.
+"""
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+
+class _StopForward(Exception):
+    pass
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks: the ModuleList with one entry per hidden layer."""
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    for _, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and (n is None or len(m) == n):
+            return m
+    raise ValueError(f"cannot find the decoder blocks of a {type(model).__name__}")
+
+
+@torch.no_grad()
+def first_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches, device) -> list:
+    """[(args, kwargs)] of the first block's call for each batch (hidden states are args[0])."""
+    captured = []
+
+    def hook(module, args, kwargs):
+        captured.append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs)))
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                model(batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def run_block(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    out = block(*args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def collect_inputs(block: nn.Module, inputs: list, modules: dict, observe) -> None:
+    """Run the block on every calibration input, calling observe(name, x) with the input of
+    each module in `modules` ({name: module}); nothing is kept unless `observe` keeps it."""
+    handles = [m.register_forward_pre_hook(lambda mod, a, name=name: observe(name, a[0])) for name, m in modules.items()]
+    try:
+        for args, kwargs in inputs:
+            run_block(block, args, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def sequential_quantize(model: nn.Module, batches, device, process, progress: bool = True, desc: str = "blocks") -> None:
+    """For each decoder block: process(index, block, inputs), then propagate the inputs through
+    the processed block."""
+    blocks = decoder_blocks(model)
+    inputs = first_block_inputs(model, blocks, batches, device)
+    if not inputs:
+        raise ValueError("sequential calibration got no batches")
+    for i, block in enumerate(tqdm(blocks, desc=desc, disable=not progress, leave=False)):
+        process(i, block, inputs)
+        inputs = [((run_block(block, args, kwargs),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]

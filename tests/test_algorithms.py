@@ -1,0 +1,146 @@
+"""GPTQ, AWQ and SmoothQuant with sequential calibration, on stories260K and a tiny GPT-2."""
+import copy
+import os
+
+import pytest
+import torch
+
+import ptq_llm
+from llm import calib_windows, tokenize, wikitext_text
+from quant import QScheme, Quantizer, quantize_linears
+from quant.gptq import Hessian, gptq_block, gptq_quantize
+from quant.modules import layer_scheme
+from quant.sequential import collect_inputs, decoder_blocks, first_block_inputs, run_block, sequential_quantize
+from quant.smoothing import awq_block, is_linear, scale_groups, smooth_block, weight_matrix
+
+
+def load(source, shared, n=8, seq_len=64):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(source).eval()
+    tok = AutoTokenizer.from_pretrained(source)
+    ids = tokenize(tok, wikitext_text("validation", os.path.join(shared, "data")))
+    return model, calib_windows(ids, n, seq_len, seed=0).split(4)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory, shared):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-gpt2-alg")
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257))
+    with torch.no_grad():  # outlier channels, as trained LLMs have, so that smoothing has work to do
+        for block in model.transformer.h:
+            block.ln_1.weight[:4] *= 20
+            block.ln_2.weight[5:8] *= 15
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(os.path.join(shared, "models", "gpt2-tokenizer")).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module", params=["stories", "gpt2"])
+def source(request, shared, tiny_gpt2):
+    return os.path.join(shared, "models", "stories260K") if request.param == "stories" else tiny_gpt2
+
+
+W4 = QScheme(4, granularity="group", group_size=32)
+
+
+def scheme_for(name, m):
+    return layer_scheme(W4, weight_matrix(m).shape[1])
+
+
+@torch.no_grad()
+def block_error(block, inputs, ref_outputs):
+    return sum(float((run_block(block, *inp) - ref).pow(2).mean()) for inp, ref in zip(inputs, ref_outputs))
+
+
+def test_sequential_finds_blocks_and_propagates(source, shared):
+    model, batches = load(source, shared)
+    blocks = decoder_blocks(model)
+    assert len(blocks) == model.config.num_hidden_layers
+    seen = []
+    sequential_quantize(model, batches, "cpu", lambda i, block, inputs: seen.append((i, len(inputs))), progress=False)
+    assert seen == [(i, len(batches)) for i in range(len(blocks))]
+
+
+def test_gptq_reduces_layer_output_error_against_rtn(source, shared):
+    model, batches = load(source, shared)
+    blocks = decoder_blocks(model)
+    inputs = first_block_inputs(model, blocks, batches, "cpu")
+    block = blocks[0]
+    linears = {n: m for n, m in block.named_modules() if is_linear(m)}
+    xs, hs = {}, {n: Hessian(weight_matrix(m).shape[1]) for n, m in linears.items()}
+
+    def observe(name, x):
+        hs[name].add(x)
+        xs.setdefault(name, []).append(x.reshape(-1, x.shape[-1]))
+    collect_inputs(block, inputs, linears, observe)
+    total_gptq = total_rtn = 0.0
+    for name, m in linears.items():
+        w, x = weight_matrix(m).detach(), torch.cat(xs[name])
+        scheme = scheme_for(name, m)
+        q, _, _ = gptq_quantize(w, hs[name].H, scheme)
+        rtn = Quantizer(scheme)
+        rtn.fit(w)
+        r = x @ w.t()
+        total_gptq += float((x @ q.t() - r).pow(2).sum())
+        total_rtn += float((x @ rtn(w).t() - r).pow(2).sum())
+    assert total_gptq < 0.8 * total_rtn
+
+
+@pytest.mark.parametrize("algorithm", ["gptq", "awq"])
+def test_block_algorithms_beat_rtn_on_block_output(source, shared, algorithm):
+    model, batches = load(source, shared)
+    blocks = decoder_blocks(model)
+    inputs = first_block_inputs(model, blocks, batches, "cpu")
+    ref = [run_block(blocks[0], *inp) for inp in inputs]
+    rtn = copy.deepcopy(blocks[0])
+    quantize_linears(rtn, W4, group_fallback=True)
+    alg = copy.deepcopy(blocks[0])
+    if algorithm == "gptq":
+        gptq_block(alg, inputs, scheme_for)
+    else:
+        awq_block(alg, inputs, scheme_for)
+    assert all(not is_linear(m) for m in alg.modules())  # every linear was swapped
+    assert block_error(alg, inputs, ref) < block_error(rtn, inputs, ref)
+
+
+def test_smoothquant_fold_is_exact_before_quantization(source, shared):
+    model, batches = load(source, shared)
+    ids = torch.cat(batches)
+    with torch.no_grad():
+        before = model(ids).logits
+    assert scale_groups(decoder_blocks(model)[0], norms_only=True)
+    scales = []
+    sequential_quantize(model, batches, "cpu", lambda i, block, inputs: scales.append(smooth_block(block, inputs, 0.5)),
+                        progress=False)
+    assert all(s for s in scales) and any(float((v - 1).abs().max()) > 0.1 for s in scales for v in s.values())
+    with torch.no_grad():
+        after = model(ids).logits
+    assert torch.allclose(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_awq_fold_keeps_float_function(source, shared):
+    """AWQ's scales alone (no rounding) leave the model's function unchanged."""
+    model, batches = load(source, shared)
+    blocks = decoder_blocks(model)
+    inputs = first_block_inputs(model, blocks, batches, "cpu")
+    block = blocks[0]
+    ref = [run_block(block, *inp) for inp in inputs]
+    eight = QScheme(8, granularity="channel")
+    awq_block(block, inputs, lambda n, m: eight)  # 8-bit: the rounding is tiny next to any folding mistake
+    assert block_error(block, inputs, ref) < 1e-3 * sum(float(r.pow(2).mean()) for r in ref)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "smoothquant"])
+def test_ptq_llm_methods_end_to_end(source, shared, tmp_path, method):
+    rows = ptq_llm.main(["--model_name", source, "--data_dir", os.path.join(shared, "data"), "--results_dir", str(tmp_path),
+                         "--no_progress", "--seq_len", "64", "--eval_samples", "8", "--calib_samples", "8",
+                         "--bits", "4", "--group_size", "32", "--act", "none", "static", "--method", method, "--save_model",
+                         "--models_dir", str(tmp_path / "m")])
+    q = [r for r in rows if r["method"] == method]
+    assert len(q) == (1 if method == "smoothquant" else 2)
+    assert all(r["perplexity"] < 2 * rows[0]["perplexity"] + 100 and r["quant_seconds"] > 0 and r["peak_rss_mb"] > 0 for r in q)
+    from llm import load_quantized_model
+    folder = os.path.join(tmp_path, "m", "ptq_llm", sorted(os.listdir(tmp_path / "m" / "ptq_llm"))[0])
+    load_quantized_model(folder)  # the algorithms' weights save and reload like RTN's
