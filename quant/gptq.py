@@ -104,13 +104,20 @@ def gptq_block(block, inputs: list, scheme_for, a_scheme=None, skip=(), **gptq_k
     each layer's Hessian, then each weight is quantized and its layer swapped for a QuantLinear."""
     from .modules import QuantLinear, replace_module
     from .sequential import collect_inputs
-    from .smoothing import is_linear, weight_matrix
+    from .smoothing import is_linear, scale_groups, weight_matrix
     linears = {n: m for n, m in block.named_modules() if is_linear(m) and n not in skip}
-    hessians = {n: Hessian(weight_matrix(m).shape[1], device=m.weight.device) for n, m in linears.items()}
-    collect_inputs(block, inputs, linears, lambda name, x: hessians[name].add(x))
+    # layers reading the same normalized input (q/k/v, gate/up) share one Hessian
+    owner = {n: n for n in linears}
+    for _, _, consumers in scale_groups(block, norms_only=True):
+        names = [n for n in consumers if n in linears]
+        for n in names[1:]:
+            owner[n] = names[0]
+    observed = {n: linears[n] for n in set(owner.values())}
+    hessians = {n: Hessian(weight_matrix(m).shape[1], device=m.weight.device) for n, m in observed.items()}
+    collect_inputs(block, inputs, observed, lambda name, x: hessians[name].add(x))
     for name, m in linears.items():
         scheme = scheme_for(name, m)
-        q, scale, zp = gptq_quantize(weight_matrix(m), hessians.pop(name).H, scheme, **gptq_kwargs)
+        q, scale, zp = gptq_quantize(weight_matrix(m), hessians[owner[name]].H, scheme, **gptq_kwargs)
         qm = QuantLinear.from_module(m, scheme, a_scheme, fit_weight=False)
         qm.set_quantized_weight(q, scale, zp)
         replace_module(block, name, qm)
