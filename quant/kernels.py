@@ -1,0 +1,127 @@
+"""Real integer execution: QuantLinear layers converted to modules that keep integer weights and
+run PyTorch's integer kernels, so the quantized model actually saves memory and time.
+
+  Int8WeightOnlyLinear  int8 per-channel symmetric weights, float activations: torch._weight_int8pack_mm
+  Int4WeightOnlyLinear  int4 per-group weights (group 32..256), float activations:
+                        torch._weight_int4pack_mm_for_cpu on CPU, torch._weight_int4pack_mm on CUDA
+  Int8DynamicLinear     int8 per-channel weights x int8 per-token symmetric activations quantized
+                        on the fly: torch._int_mm (exact int32 accumulation), then both scales
+
+Each computes the same function as the fake-quantized layer it replaces, up to float rounding
+(the tests bound the difference). Layers whose scheme has no kernel stay fake-quantized, and
+`convert_to_int` says which and why.
+"""
+import torch
+import torch.nn as nn
+
+from .modules import QuantLinear, quant_modules, replace_module
+
+INT4_GROUPS = (32, 64, 128, 256)
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    def __init__(self, q: QuantLinear):
+        super().__init__()
+        self.register_buffer("weight_int8", q.weight_quant.int_repr(q.weight).contiguous())
+        self.register_buffer("scale", q.weight_quant.scale.reshape(-1).to(q.weight.dtype).contiguous())
+        self.bias = None if q.bias is None else nn.Parameter(q.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x):
+        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight_int8, self.scale.to(x.dtype))
+        y = y.reshape(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4WeightOnlyLinear(nn.Module):
+    def __init__(self, q: QuantLinear, inner_k_tiles: int = 2):
+        super().__init__()
+        s = q.weight_quant.scheme
+        self.group_size = s.group_size
+        codes = q.weight_quant.int_repr(q.weight).reshape(q.out_features, q.in_features).to(torch.int32)
+        # the kernel computes w = (u - 8) * scale + zero with u in [0, 16); ours is (q - zp) * scale
+        u = codes - s.qmin if s.signed else codes
+        offset = 8 + (s.qmin if s.signed else 0)  # u - 8 = q - offset ... shifted back by zp below
+        scale = q.weight_quant.scale.reshape(q.out_features, -1).float()
+        zero = (offset - q.weight_quant.zero_point.reshape(q.out_features, -1).float()) * scale
+        self.cuda = q.weight.is_cuda
+        if self.cuda:
+            packed_u8 = (u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8)
+            self.register_buffer("weight_int4", torch._convert_weight_to_int4pack(packed_u8, inner_k_tiles))
+        else:
+            self.register_buffer("weight_int4", torch._convert_weight_to_int4pack_for_cpu(u, inner_k_tiles))
+        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous())
+        self.bias = None if q.bias is None else nn.Parameter(q.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x):
+        x2 = x.reshape(-1, x.shape[-1])
+        sz = self.scales_and_zeros.to(x.dtype)
+        if self.cuda:
+            y = torch._weight_int4pack_mm(x2, self.weight_int4, self.group_size, sz)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.weight_int4, self.group_size, sz)
+        y = y.reshape(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+class Int8DynamicLinear(nn.Module):
+    def __init__(self, q: QuantLinear):
+        super().__init__()
+        self.register_buffer("weight_int8_t", q.weight_quant.int_repr(q.weight).t().contiguous())  # (in, out)
+        self.register_buffer("scale", q.weight_quant.scale.reshape(1, -1).float().contiguous())
+        self.bias = None if q.bias is None else nn.Parameter(q.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x):
+        x2 = x.reshape(-1, x.shape[-1])
+        # per-token symmetric int8, the arithmetic of QScheme(8, granularity="token")
+        x_scale = (x2.abs().amax(-1, keepdim=True).float() / 127).clamp(min=1e-12)
+        x_int8 = torch.round(x2.float() * (1.0 / x_scale)).clamp_(-128, 127).to(torch.int8)
+        acc = torch._int_mm(x_int8, self.weight_int8_t)
+        y = (acc.float() * x_scale * self.scale).to(x.dtype).reshape(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+def kernel_for(q: QuantLinear):
+    """(module class, None) for a layer that has an integer kernel, else (None, reason)."""
+    w, a = q.weight_quant.scheme, q.act_quant.scheme if q.act_quant is not None else None
+    if a is not None:
+        if not (a.dynamic and a.symmetric and a.signed and a.bits == 8):
+            return None, f"no kernel for activations {a.describe()} (needs int8 symmetric per-token)"
+        if w.bits == 8 and w.symmetric and w.granularity == "channel" and w.axis in (0, -2):
+            return Int8DynamicLinear, None
+        return None, f"no W{w.bits}A8 kernel for weights {w.describe()}"
+    if w.bits == 8 and w.symmetric and w.signed and w.granularity == "channel" and w.axis in (0, -2):
+        return Int8WeightOnlyLinear, None
+    if w.bits == 4 and w.granularity == "group":
+        if w.group_size not in INT4_GROUPS:
+            return None, f"int4 kernel needs a group size in {INT4_GROUPS}, got {w.group_size}"
+        if q.in_features % w.group_size or q.in_features % 32:
+            return None, f"int4 kernel needs in_features ({q.in_features}) to be a multiple of the group and of 32"
+        return Int4WeightOnlyLinear, None
+    return None, f"no integer kernel for {w.describe()}"
+
+
+@torch.no_grad()
+def convert_to_int(model: nn.Module) -> dict:
+    """Swap every QuantLinear that has a kernel for its integer module, in place.
+    Returns {name: kernel class name, or 'fake-quant: <reason>'}."""
+    report = {}
+    for name, q in quant_modules(model).items():
+        cls, reason = kernel_for(q)
+        if cls is None:
+            report[name] = f"fake-quant: {reason}"
+            continue
+        replace_module(model, name, cls(q))
+        report[name] = cls.__name__
+    return report
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer the module holds in memory (shared storage once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
