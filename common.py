@@ -51,36 +51,23 @@ def int_range(lo, hi=None, what="value"):
     return parse
 
 
-def percentile_type(s):
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {s!r}") from None
-    if not 50 < v <= 100:
-        raise argparse.ArgumentTypeError(f"must be in (50, 100], got {v}")
-    return v
+def float_range(lo, hi=None, lo_open=False):
+    """A float flag in [lo, hi] ((lo, hi] with lo_open; no upper bound when hi is None)."""
+    def parse(s):
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {s!r}") from None
+        if (v <= lo if lo_open else v < lo) or (hi is not None and v > hi):
+            bounds = f"{'(' if lo_open else '['}{lo}, {hi}]" if hi is not None else f"{'>' if lo_open else '>='} {lo}"
+            raise argparse.ArgumentTypeError(f"must be {'in ' if hi is not None else ''}{bounds}, got {v}")
+        return v
+    return parse
 
 
-def positive_float(s):
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {s!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
-    return v
-
-
-def unit_float(s):
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {s!r}") from None
-    if not 0 <= v <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {v}")
-    return v
-
-
+percentile_type = float_range(50, 100, lo_open=True)
+positive_float = float_range(0, lo_open=True)
+unit_float = float_range(0, 1)
 bits_type = int_range(2, 8, "bits")
 positive_int = int_range(1, None, "positive_int")
 
@@ -196,6 +183,13 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         return ""
     return commit + ("-dirty" if commit and dirty else "")
+
+
+def save_rows(results_dir: str, experiment: str, rows: list[dict]) -> str:
+    path = os.path.join(results_dir, f"{experiment}.csv")
+    append_rows(path, rows)
+    print(f"appended {len(rows)} rows to {path}")
+    return path
 
 
 def append_rows(path: str, rows: list[dict]) -> None:

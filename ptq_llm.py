@@ -26,8 +26,8 @@ import time
 
 import torch
 
-from common import (Parser, UsageError, add_common_args, append_rows, bits_type, code_version, parse_with_config, percentile_type, pick_device, positive_float, unit_float,
-                    positive_int, run, timestamp)
+from common import (Parser, UsageError, add_common_args, bits_type, code_version, parse_with_config, percentile_type,
+                    pick_device, positive_float, positive_int, run, save_rows, timestamp, unit_float)
 from llm import calib_windows, context_length, eval_windows, load_config, load_model, perplexity, tokenize, wikitext_text
 from quant import (QScheme, calibrate, float_size_bytes, quant_modules, quantize_linears, quantized_size_bytes,
                    save_quantized)
@@ -237,9 +237,7 @@ def main(argv=None):
                 tok.save_pretrained(folder)
                 print(f"saved {folder}")
             del qmodel
-    path = os.path.join(args.results_dir, f"{EXPERIMENT}.csv")
-    append_rows(path, rows)
-    print(f"appended {len(rows)} rows to {path}")
+    save_rows(args.results_dir, EXPERIMENT, rows)
     return rows
 
 

@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from common import Parser, UsageError, add_common_args, append_rows, code_version, parse_with_config, percentile_type, run, timestamp
+from common import (Parser, UsageError, add_common_args, code_version, parse_with_config, percentile_type, run,
+                    save_rows, timestamp)
 from mnist import MLP, accuracy, add_mnist_args, fp32_model, load_mnist
 from quant import OBSERVERS, QScheme, calibrate, float_size_bytes, quantize_linears, quantized_size_bytes, save_quantized
 
@@ -108,9 +109,7 @@ def main(argv=None):
         if args.save_model:
             save_quantized(q, os.path.join(args.models_dir, EXPERIMENT, f"w{bits}a{a_bits}_{gran}_{observer}_seed{args.seed}"),
                            extra={"accuracy": acc, "arch": "mnist_mlp"})
-    path = os.path.join(args.results_dir, f"{EXPERIMENT}.csv")
-    append_rows(path, rows)
-    print(f"appended {len(rows)} rows to {path}")
+    save_rows(args.results_dir, EXPERIMENT, rows)
     return rows
 
 

@@ -12,7 +12,8 @@ import copy
 import os
 import time
 
-from common import Parser, add_common_args, append_rows, code_version, parse_with_config, positive_float, positive_int, run, timestamp
+from common import (Parser, add_common_args, code_version, parse_with_config, positive_float, positive_int, run,
+                    save_rows, timestamp)
 from mnist import accuracy, add_mnist_args, fp32_model, load_mnist, train
 from ptq_nn import add_ptq_args, calib_batches, ptq, schemes
 from quant import calibrate, float_size_bytes, quant_modules, quantize_linears, quantized_size_bytes, save_quantized
@@ -77,9 +78,7 @@ def main(argv=None):
         if args.save_model:
             save_quantized(q, os.path.join(args.models_dir, EXPERIMENT, f"{method}_w{bits}a{a_bits}_{gran}_{observer}_seed{args.seed}"),
                            extra={"accuracy": acc, "arch": "mnist_mlp"})
-    path = os.path.join(args.results_dir, f"{EXPERIMENT}.csv")
-    append_rows(path, rows)
-    print(f"appended {len(rows)} rows to {path}")
+    save_rows(args.results_dir, EXPERIMENT, rows)
     return rows
 
 

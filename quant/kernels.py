@@ -114,14 +114,3 @@ def convert_to_int(model: nn.Module) -> dict:
         report[name] = cls.__name__
     return report
 
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer the module holds in memory (shared storage once)."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total
-

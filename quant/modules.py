@@ -145,17 +145,19 @@ class QuantLinear(nn.Module):
         self.weight.requires_grad_(False)
         self.qat = False
 
+    def current_weight(self) -> torch.Tensor:
+        """The weight a forward uses: already quantized after PTQ, fake-quantized now under QAT."""
+        if not self.qat:
+            return self.weight
+        if not self.weight_quant.learnable:
+            with torch.no_grad():  # STE QAT tracks the weights' current range
+                self.weight_quant.fit(self.weight)
+        return self.weight_quant(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_quant is not None:
             x = self.act_quant(x)
-        w = self.weight
-        if self.qat:
-            if not self.weight_quant.learnable:
-                # STE QAT tracks the weights' current range
-                with torch.no_grad():
-                    self.weight_quant.fit(w)
-            w = self.weight_quant(w)
-        return F.linear(x, w, self.bias)
+        return F.linear(x, self.current_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, qat={self.qat}"
@@ -171,13 +173,7 @@ class QuantEmbedding(QuantLinear):
         self.padding_idx = padding_idx
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if self.qat:
-            if not self.weight_quant.learnable:
-                with torch.no_grad():
-                    self.weight_quant.fit(w)
-            w = self.weight_quant(w)
-        return F.embedding(ids, w, self.padding_idx)
+        return F.embedding(ids, self.current_weight(), self.padding_idx)
 
     def extra_repr(self) -> str:
         return f"num={self.out_features}, dim={self.in_features}, qat={self.qat}"

@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 
 from quant import QScheme, calibrate, quantize_linears
-from quant.kernels import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear, convert_to_int, weight_bytes
+from quant import float_size_bytes as weight_bytes
+from quant.kernels import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear, convert_to_int
 
 CASES = [
     (QScheme(8, granularity="channel"), None, Int8WeightOnlyLinear),
