@@ -16,7 +16,7 @@ import torch
 
 from common import (Parser, UsageError, add_common_args, code_version, parse_with_config, percentile_type, run,
                     save_rows, timestamp)
-from mnist import MLP, accuracy, add_mnist_args, fp32_model, load_mnist
+from mnist import accuracy, add_mnist_args, fp32_model, load_mnist
 from quant import OBSERVERS, QScheme, calibrate, float_size_bytes, quantize_linears, quantized_size_bytes, save_quantized
 
 EXPERIMENT = "ptq_nn"

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import ptq_llm
-from common import UsageError
 from llm import eval_windows, hub_rows, load_quantized_model, perplexity, tokenize, wikitext_text
 from quant import QScheme, calibrate, quantize_linears, save_quantized
 from tests.conftest import ROOT
