@@ -131,9 +131,11 @@ def time_interleaved(fns: dict, repeats: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def build_all(base, variants):
+def build_all(base, variants, only=None):
     built = {"float": (base, 0.0, None, "")}
     for name, (provider, build) in variants.items():
+        if only and not any(o.lower() in name.lower() for o in only):
+            continue
         t0 = time.time()
         model, size, notes = build(copy.deepcopy(base))
         built[name] = (model.eval(), time.time() - t0, size, notes)
@@ -166,7 +168,7 @@ def mlp_bench(args):
         "quanto qint8 weights": ("quanto", quanto("qint8")),
         "quanto qint4 weights": ("quanto", quanto("qint4")),
     }
-    built = build_all(base, variants)
+    built = build_all(base, variants, args.only)
     x1, x256 = test_x[:1], test_x[:256]
     t1 = time_interleaved({k: (lambda m=m: m(x1)) for k, (m, *_) in built.items()}, args.repeats * 4)
     t256 = time_interleaved({k: (lambda m=m: m(x256)) for k, (m, *_) in built.items()}, args.repeats)
@@ -198,7 +200,7 @@ def llm_bench(args):
         "quanto qint4 weights": ("quanto", quanto("qint4")),
         "torch.ao dynamic int8": ("torch.ao", ao_dynamic()),
     }
-    built = build_all(model, variants)
+    built = build_all(model, variants, args.only)
     prompt = windows[:1]
 
     def decode_step(m):
@@ -243,6 +245,8 @@ def main():
     ap.add_argument("--batch_size", type=int, default=4)
     ap.add_argument("--int4_group", type=int, default=64, help="group size of the int4 variant (default: 64)")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--only", nargs="+", default=None,
+                    help="run only the variants whose name contains one of these strings (float always runs)")
     args = ap.parse_args()
     rows = mlp_bench(args) if args.which == "mlp" else llm_bench(args)
     path = os.path.join(args.results_dir, f"bench_{args.which}.csv")

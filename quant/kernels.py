@@ -96,6 +96,8 @@ def kernel_for(q: QuantLinear):
             return None, f"int4 kernel needs a group size in {INT4_GROUPS}, got {w.group_size}"
         if q.in_features % w.group_size or q.in_features % 32:
             return None, f"int4 kernel needs in_features ({q.in_features}) to be a multiple of the group and of 32"
+        if q.out_features % 16:
+            return None, f"int4 kernel needs out_features ({q.out_features}) to be a multiple of 16"
         return Int4WeightOnlyLinear, None
     return None, f"no integer kernel for {w.describe()}"
 

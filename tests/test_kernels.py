@@ -47,6 +47,9 @@ def test_unsupported_layers_stay_fake_quant_with_reason():
     model = nn.Sequential(nn.Linear(784, 16))
     quantize_linears(model, QScheme(4, granularity="group", group_size=128))
     assert "multiple of the group" in convert_to_int(model)["0"]
+    model = nn.Sequential(nn.Linear(64, 40))
+    quantize_linears(model, QScheme(4, granularity="group", group_size=32))
+    assert "multiple of 16" in convert_to_int(model)["0"]
 
 
 def test_int_weights_take_less_memory():
