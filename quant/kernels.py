@@ -75,7 +75,10 @@ class Int8DynamicLinear(nn.Module):
         # per-token symmetric int8, the arithmetic of QScheme(8, granularity="token")
         x_scale = (x2.abs().amax(-1, keepdim=True).float() / 127).clamp(min=1e-12)
         x_int8 = torch.round(x2.float() * (1.0 / x_scale)).clamp_(-128, 127).to(torch.int8)
-        acc = torch._int_mm(x_int8, self.weight_int8_t)
+        rows = x_int8.shape[0]
+        if x_int8.is_cuda and rows <= 16:  # the CUDA kernel wants more than 16 rows
+            x_int8 = torch.nn.functional.pad(x_int8, (0, 0, 0, 17 - rows))
+        acc = torch._int_mm(x_int8, self.weight_int8_t)[:rows]
         y = (acc.float() * x_scale * self.scale).to(x.dtype).reshape(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 

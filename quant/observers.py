@@ -113,7 +113,7 @@ class Histogram:
             idx = ((centres - new_lo) / ((new_hi - new_lo) / self.bins)).long().clamp_(0, self.bins - 1)
             counts = torch.zeros_like(self.counts).index_add_(0, idx, self.counts)
             self.counts, self.lo, self.hi = counts, new_lo, new_hi
-        self.counts += torch.histc(x, self.bins, self.lo, self.hi).double()
+        self.counts += torch.histc(x, self.bins, self.lo, self.hi).double().cpu()
 
     @property
     def width(self) -> float:
@@ -139,13 +139,13 @@ def _mse_best_ratio(values: torch.Tensor, weights: torch.Tensor | None, scheme: 
     """For each row of `values`, the ratio a in MSE_GRID for which quantizing the row over
     [a * min, a * max] gives the least (weighted) squared error. Rows are processed in chunks
     so that memory stays bounded."""
-    best_ratio = torch.ones(values.shape[0])
+    best_ratio = torch.ones(values.shape[0], device=values.device)
     chunk = max(1, (1 << 22) // max(values.shape[1], 1))
     for start in range(0, values.shape[0], chunk):
         v = values[start:start + chunk]
         w = None if weights is None else weights[start:start + chunk]
         mn, mx = v.amin(1, keepdim=True), v.amax(1, keepdim=True)
-        best = torch.full((v.shape[0],), math.inf)
+        best = torch.full((v.shape[0],), math.inf, device=v.device)
         for a in MSE_GRID.tolist():
             scale, zp = qparams_from_range(a * mn, a * mx, scheme)
             err = (fake_quantize(v, scale, zp, scheme.qmin, scheme.qmax) - v).pow_(2)

@@ -182,17 +182,17 @@ def _clip_search(w: torch.Tensor, x: torch.Tensor, scheme: QScheme, grid, chunk:
         return 1.0
     grouped = scheme.granularity == "group"
     xl = scheme.to_layout(x) if grouped else x.unsqueeze(1)  # (n, groups, g)
-    best = torch.ones(w.shape[0], xl.shape[1])
+    best = torch.ones(w.shape[0], xl.shape[1], device=w.device)
     for o in range(0, w.shape[0], chunk):  # output channels in chunks: memory n x chunk x groups
         wc = w[o:o + chunk]
         wl = scheme.to_layout(wc) if grouped else wc.unsqueeze(1)
         ref = torch.einsum("ngk,ogk->nog", xl, wl)
-        best_err = torch.full(wl.shape[:2], float("inf"))
+        best_err = torch.full(wl.shape[:2], float("inf"), device=w.device)
         for r in grid:
             q = _fq_weight(wc, scheme, r)[0]
             ql = scheme.to_layout(q) if grouped else q.unsqueeze(1)
             err = (torch.einsum("ngk,ogk->nog", xl, ql) - ref).pow(2).mean(0)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best[o:o + chunk] = torch.where(better, torch.tensor(r), best[o:o + chunk])
+            best[o:o + chunk] = torch.where(better, r, best[o:o + chunk])
     return best
