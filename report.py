@@ -107,6 +107,23 @@ def ptq_llm(df, out_dir):
     return "\n\n".join(parts)
 
 
+def bench(df, out_dir):
+    """The latest run of bench/speed.py for each benchmark, as it was measured."""
+    parts = []
+    for name, g in df.groupby("bench", sort=False):
+        last = g[g.timestamp >= g[g.variant == "float"].timestamp.max()]
+        if name == "mlp":
+            cols = ["variant", "provider", "quality", "build_seconds", "size_bytes", "state_bytes", "latency_ms_b1",
+                    "images_per_s_b256", "speedup_b1", "speedup_b256", "notes"]
+        else:
+            cols = ["variant", "provider", "quality", "build_seconds", "size_bytes", "state_bytes", "prefill_tokens_per_s",
+                    "decode_tokens_per_s", "speedup_prefill", "speedup_decode", "notes"]
+        r = last.iloc[0]
+        parts.append(f"**{name}** ({r.quality_metric}; {r.device}, {int(r.threads)} threads, torch {r.torch}, "
+                     f"code {r.code}):\n\n" + md(last[[c for c in cols if c in last.columns]]))
+    return "\n\n".join(parts)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results_dir", default="results")
@@ -119,6 +136,10 @@ def main(argv=None):
             body = fn(pd.read_csv(path), args.results_dir)
             img = f"\n\n![{title}](results/{name}.png)" if name != "ptq_llm" else ""
             sections.append(f"### {title}\n\n{body}{img}")
+    for name in ("bench_mlp", "bench_llm"):
+        path = os.path.join(args.results_dir, f"{name}.csv")
+        if os.path.exists(path):
+            sections.append(f"### Speed benchmark ({name[6:]})\n\n" + bench(pd.read_csv(path), args.results_dir))
     text = "\n\n".join(sections) + "\n"
     with open(os.path.join(args.results_dir, "tables.md"), "w") as f:
         f.write(text)
