@@ -25,7 +25,7 @@ def latest(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 
 def md(df: pd.DataFrame) -> str:
-    return df.to_markdown(index=False, floatfmt=".2f")
+    return df.astype(object).where(df.notna(), "").to_markdown(index=False, floatfmt=".2f")
 
 
 def ptq_nn(df, out_dir):
