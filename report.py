@@ -84,7 +84,11 @@ def ptq_llm(df, out_dir):
                          + (f" g{int(r.group_size)}" if r.granularity == "group" else (" per-channel" if r.method != "fp32" else ""))
                          + (f" {r.observer}" if isinstance(r.observer, str) and r.observer else "")) for r in g.itertuples()]
         g["size MB"] = g.size_bytes / 1e6
-        g["Δppl"] = g.perplexity - g.fp32_perplexity
+        # rows run with --skip_fp32 compare with the FP32 row of the same evaluation
+        fp32_rows = g[g.method == "fp32"].set_index(["seq_len", "eval_tokens"]).perplexity
+        ref = [r.fp32_perplexity if pd.notna(r.fp32_perplexity) else fp32_rows.get((r.seq_len, r.eval_tokens))
+               for r in g.itertuples()]
+        g["Δppl"] = g.perplexity - pd.to_numeric(pd.Series(ref, index=g.index))
         cols = ["setting", "method", "perplexity", "Δppl", "size MB", "seconds"]
         t = g[cols].rename(columns={"seconds": "time (s)"})
         r = g.iloc[-1]
