@@ -85,7 +85,7 @@ def ptq_llm(df, out_dir):
                          + (f" {r.observer}" if isinstance(r.observer, str) and r.observer else "")) for r in g.itertuples()]
         g["size MB"] = g.size_bytes / 1e6
         # rows run with --skip_fp32 compare with the FP32 row of the same evaluation
-        fp32_rows = g[g.method == "fp32"].set_index(["seq_len", "eval_tokens"]).perplexity
+        fp32_rows = g[g.method == "fp32"].groupby(["seq_len", "eval_tokens"]).perplexity.last()
         ref = [r.fp32_perplexity if pd.notna(r.fp32_perplexity) else fp32_rows.get((r.seq_len, r.eval_tokens))
                for r in g.itertuples()]
         g["Δppl"] = g.perplexity - pd.to_numeric(pd.Series(ref, index=g.index))
