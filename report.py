@@ -76,8 +76,11 @@ def qat_nn(df, out_dir):
 
 def ptq_llm(df, out_dir):
     parts = []
-    df = latest(df, ["model", "method", "w_bits", "a_bits", "act", "observer", "w_observer", "group_size", "seq_len",
-                     "eval_tokens", "calib_samples", "seed"])
+    if "method_args" not in df.columns:
+        df["method_args"] = ""
+    df["method_args"] = df.method_args.fillna("")
+    df = latest(df, ["model", "method", "method_args", "w_bits", "a_bits", "act", "observer", "w_observer", "group_size",
+                     "seq_len", "eval_tokens", "calib_samples", "seed"])
     for model, g in df.groupby("model", sort=False):
         g = g.copy()
         g["setting"] = [("FP32" if r.method == "fp32" else f"W{int(r.w_bits)}" + (f"A{int(r.a_bits)} {r.act}" if r.act != "none" else "")
@@ -89,6 +92,7 @@ def ptq_llm(df, out_dir):
         ref = [r.fp32_perplexity if pd.notna(r.fp32_perplexity) else fp32_rows.get((r.seq_len, r.eval_tokens))
                for r in g.itertuples()]
         g["Δppl"] = g.perplexity - pd.to_numeric(pd.Series(ref, index=g.index))
+        g["method"] = [m + (f" ({a})" if a and m == "smoothquant" else "") for m, a in zip(g.method, g.method_args)]
         cols = ["setting", "method", "perplexity", "Δppl", "size MB", "seconds"]
         t = g[cols].rename(columns={"seconds": "time (s)"})
         r = g.iloc[-1]
