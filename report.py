@@ -92,7 +92,7 @@ def ptq_llm(df, out_dir):
         ref = [r.fp32_perplexity if pd.notna(r.fp32_perplexity) else fp32_rows.get((r.seq_len, r.eval_tokens))
                for r in g.itertuples()]
         g["Δppl"] = g.perplexity - pd.to_numeric(pd.Series(ref, index=g.index))
-        g["method"] = [m + (f" ({a})" if a and m == "smoothquant" else "") for m, a in zip(g.method, g.method_args)]
+        g["method"] = [m + (f" ({a})" if a and (m == "smoothquant" or "act_order=True" in a) else "") for m, a in zip(g.method, g.method_args)]
         cols = ["setting", "method", "perplexity", "Δppl", "size MB", "seconds"]
         t = g[cols].rename(columns={"seconds": "time (s)"})
         r = g.iloc[-1]
