@@ -38,11 +38,11 @@ class Int4WeightOnlyLinear(nn.Module):
         s = q.weight_quant.scheme
         self.group_size = s.group_size
         codes = q.weight_quant.int_repr(q.weight).reshape(q.out_features, q.in_features).to(torch.int32)
-        # the kernel computes w = (u - 8) * scale + zero with u in [0, 16); ours is (q - zp) * scale
-        u = codes - s.qmin if s.signed else codes
-        offset = 8 + (s.qmin if s.signed else 0)  # u - 8 = q - offset ... shifted back by zp below
+        # the kernel computes w = (u - 8) * scale + zero with u in [0, 16); ours is (q - zp) * scale.
+        # With u = q - qmin: (q - zp) * scale = (u - 8) * scale + (8 + qmin - zp) * scale.
+        u = codes - s.qmin
         scale = q.weight_quant.scale.reshape(q.out_features, -1).float()
-        zero = (offset - q.weight_quant.zero_point.reshape(q.out_features, -1).float()) * scale
+        zero = (8 + s.qmin - q.weight_quant.zero_point.reshape(q.out_features, -1).float()) * scale
         self.cuda = q.weight.is_cuda
         if self.cuda:
             packed_u8 = (u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8)
