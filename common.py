@@ -172,8 +172,11 @@ def timestamp() -> str:
 
 
 def code_version() -> str:
-    """Short git commit of the code that produced a row ('-dirty' with uncommitted changes)."""
+    """Short git commit of the code that produced a row ('-dirty' with uncommitted changes), or
+    $QUANT_CODE_VERSION where the code runs from a copy without its .git (another machine)."""
     import subprocess
+    if os.environ.get("QUANT_CODE_VERSION"):
+        return os.environ["QUANT_CODE_VERSION"]
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,

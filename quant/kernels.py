@@ -4,6 +4,8 @@ run PyTorch's integer kernels, so the quantized model actually saves memory and 
   Int8WeightOnlyLinear  int8 per-channel symmetric weights, float activations: torch._weight_int8pack_mm
   Int4WeightOnlyLinear  int4 per-group weights (group 32..256), float activations:
                         torch._weight_int4pack_mm_for_cpu on CPU, torch._weight_int4pack_mm on CUDA
+                        (which takes bfloat16 activations and scales only: on CUDA the layer
+                        rounds its input to bfloat16, a relative error of up to 2^-9)
   Int8DynamicLinear     int8 per-channel weights x int8 per-token symmetric activations quantized
                         on the fly: torch._int_mm (exact int32 accumulation), then both scales
 
@@ -56,7 +58,8 @@ class Int4WeightOnlyLinear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         sz = self.scales_and_zeros.to(x.dtype)
         if self.cuda:
-            y = torch._weight_int4pack_mm(x2, self.weight_int4, self.group_size, sz)
+            y = torch._weight_int4pack_mm(x2.bfloat16(), self.weight_int4, self.group_size,
+                                          self.scales_and_zeros.bfloat16()).to(x.dtype)
         else:
             y = torch._weight_int4pack_mm_for_cpu(x2, self.weight_int4, self.group_size, sz)
         y = y.reshape(*x.shape[:-1], -1)
