@@ -27,9 +27,9 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return flat.to(torch.uint8)
     flat = torch.nn.functional.pad(flat, (0, -flat.numel() % 8)).reshape(-1, 8)
-    shifts = torch.arange(8, dtype=torch.int64) * bits
+    shifts = torch.arange(8, dtype=torch.int64, device=flat.device) * bits
     words = (flat << shifts).sum(1, keepdim=True)  # the fields do not overlap: sum == bitwise or
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=flat.device) * 8
     return ((words >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
 
 
@@ -41,6 +41,6 @@ def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     if bits == 8:
         return packed.reshape(-1).clone()
     b = packed.reshape(-1, bits).to(torch.int64)
-    words = (b << (torch.arange(bits, dtype=torch.int64) * 8)).sum(1, keepdim=True)
-    codes = (words >> (torch.arange(8, dtype=torch.int64) * bits)) & (2**bits - 1)
+    words = (b << (torch.arange(bits, dtype=torch.int64, device=b.device) * 8)).sum(1, keepdim=True)
+    codes = (words >> (torch.arange(8, dtype=torch.int64, device=b.device) * bits)) & (2**bits - 1)
     return codes.reshape(-1)[:numel].to(torch.uint8)
