@@ -12,7 +12,7 @@ scales (from the --observers) or dynamic per-token activations. Each runs with e
   rtn          round-to-nearest weights, activations calibrated over the whole model
   gptq         GPTQ weights (Hessian-based error feedback), block by block
   awq          AWQ: activation-aware scales folded into the preceding op + clip search, block by block
-  smoothquant  SmoothQuant (alpha --sq_alpha) folded into the norms, then RTN; with --act static/dynamic only
+  smoothquant  SmoothQuant (each --sq_alpha) folded into the norms and up_proj, then RTN; --act static/dynamic only
 The block-by-block methods calibrate each decoder block on the outputs of the already-quantized
 blocks before it (peak memory: one block plus one layer's calibration activations).
 
@@ -51,7 +51,8 @@ def build_parser(prog=None):
     p.add_argument("--batch_size", type=positive_int, default=4, help="windows per forward pass (default: 4)")
     p.add_argument("--group_size", type=int, default=128,
                    help="weight group size below 8 bits; 0 = per-channel (default: 128)")
-    p.add_argument("--w_observer", choices=["minmax", "mse"], default="minmax", help="weight observer (default: minmax)")
+    p.add_argument("--w_observer", choices=["minmax", "mse"], default="minmax",
+                   help="weight observer, also GPTQ's scale search (AWQ runs its own clip search) (default: minmax)")
     p.add_argument("--w_asym", action="store_true", help="asymmetric (zero-point) weights instead of symmetric")
     p.add_argument("--act", nargs="+", choices=["none", "static", "dynamic"], default=["none", "static", "dynamic"],
                    help="activation modes: none = weight-only at each --bits; static / dynamic = W{act_w_bits}A{a_bits} "
@@ -71,7 +72,8 @@ def build_parser(prog=None):
     p.add_argument("--act_order", action="store_true", help="GPTQ: quantize columns in decreasing Hessian-diagonal order")
     p.add_argument("--awq_grid", type=positive_int, default=20, help="AWQ: alpha values searched in [0, 1) (default: 20)")
     p.add_argument("--awq_tokens", type=positive_int, default=4096, help="AWQ: calibration tokens per layer for the searches (default: 4096)")
-    p.add_argument("--sq_alpha", type=unit_float, default=0.5, help="SmoothQuant migration strength in [0, 1] (default: 0.5)")
+    p.add_argument("--sq_alpha", type=unit_float, nargs="+", default=[0.5],
+                   help="SmoothQuant migration strengths in [0, 1], one run each (default: 0.5)")
     p.add_argument("--device_map", default=None,
                    help="accelerate device map for models larger than one device, e.g. auto (each configuration then reloads "
                         "the model from disk instead of copying it in memory)")
@@ -106,9 +108,15 @@ def act_scheme(mode, bits):
     return QScheme(bits, symmetric=False, granularity="token" if mode == "dynamic" else "tensor")
 
 
-def method_args(method, args) -> str:
-    return {"rtn": "", "gptq": f"block={args.gptq_block_size} damp={args.gptq_damp} act_order={args.act_order}",
-            "awq": f"grid={args.awq_grid} tokens={args.awq_tokens}", "smoothquant": f"alpha={args.sq_alpha}"}[method]
+def variants(methods, args) -> list:
+    """(method, SmoothQuant alpha or None) in run order: SmoothQuant once per --sq_alpha."""
+    return [(m, a) for m in methods for a in (args.sq_alpha if m == "smoothquant" else [None])]
+
+
+def method_args(method, alpha, args) -> str:
+    return {"rtn": "", "gptq": f"block={args.gptq_block_size} damp={args.gptq_damp} act_order={args.act_order}"
+                               + (" mse" if args.w_observer == "mse" else ""),
+            "awq": f"grid={args.awq_grid} tokens={args.awq_tokens}", "smoothquant": f"alpha={alpha}"}[method]
 
 
 def peak_rss_mb() -> float:
@@ -119,7 +127,7 @@ def peak_rss_mb() -> float:
     return round(kb / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
-def quantize(model, method, w_scheme, a_scheme, observer, calib, device, args) -> None:
+def quantize(model, method, alpha, w_scheme, a_scheme, observer, calib, device, args) -> None:
     """Quantize `model` in place with one method. lm_head and embeddings stay float unless
     --quantize_embeddings (then round-to-nearest, weight-only for the block-by-block methods)."""
     progress = not args.no_progress
@@ -140,11 +148,11 @@ def quantize(model, method, w_scheme, a_scheme, observer, calib, device, args) -
     def process(index, block, inputs):
         if method == "gptq":
             gptq_block(block, inputs, scheme_for, a_scheme, block_size=args.gptq_block_size, percdamp=args.gptq_damp,
-                       act_order=args.act_order)
+                       act_order=args.act_order, mse=args.w_observer == "mse")
         elif method == "awq":
             awq_block(block, inputs, scheme_for, a_scheme, n_grid=args.awq_grid, max_rows=args.awq_tokens)
         else:  # smoothquant: fold the smoothing scales, then round to nearest
-            smooth_block(block, inputs, args.sq_alpha)
+            smooth_block(block, inputs, alpha)
             quantize_linears(block, w_scheme, a_scheme, group_fallback=True, w_observer=args.w_observer)
         if a_scheme is not None and not a_scheme.dynamic:  # static scales from this block's real inputs
             calibrate(block, inputs, observer=observer, forward=lambda m, inp: run_block(m, *inp), progress=False, **obs_kw)
@@ -200,7 +208,7 @@ def main(argv=None):
                          **base))
         print(f"FP32 perplexity {fp32_ppl:.3f}  ({fp32_size} bytes)")
 
-    for method in args.method:
+    for method, alpha in variants(args.method, args):
         for w_bits, act, observer in configurations(args):
             if method == "smoothquant" and act == "none":
                 continue  # smoothing only helps quantized activations
@@ -210,7 +218,7 @@ def main(argv=None):
             else:
                 qmodel = copy.deepcopy(model)
             w_scheme, a_scheme = weight_scheme(w_bits, args.group_size, not args.w_asym), act_scheme(act, args.a_bits)
-            quantize(qmodel, method, w_scheme, a_scheme, observer, calib, device, args)
+            quantize(qmodel, method, alpha, w_scheme, a_scheme, observer, calib, device, args)
             schemes = {n: m.weight_quant.scheme for n, m in quant_modules(qmodel).items()}
             if not schemes:
                 raise UsageError(f"no linear layers to quantize in {args.model_name}")
@@ -220,13 +228,13 @@ def main(argv=None):
             ppl = perplexity(qmodel, windows, args.batch_size, device, progress, desc=f"eval {method} W{w_bits} {act}")
             size = quantized_size_bytes(qmodel)
             label = f"{method} W{w_bits}" + (f"A{args.a_bits} {act}" if act != "none" else "") + f" {w_scheme.describe()}" \
-                + (f" {observer}" if observer else "")
+                + (f" {observer}" if observer else "") + (f" alpha={alpha}" if alpha is not None else "")
             rows.append(dict(timestamp=timestamp(), method=method, w_bits=w_bits, a_bits=args.a_bits if act != "none" else 32,
                              act=act, observer=observer, w_observer=args.w_observer, granularity=w_scheme.granularity,
                              w_symmetric=w_scheme.symmetric,
                              group_size=w_scheme.group_size, perplexity=ppl, fp32_perplexity=fp32_ppl, size_bytes=size,
                              quant_seconds=round(t_quant, 2), seconds=round(time.time() - t0, 2), notes=notes,
-                             method_args=method_args(method, args), peak_rss_mb=peak_rss_mb(), **base))
+                             method_args=method_args(method, alpha, args), peak_rss_mb=peak_rss_mb(), **base))
             print(f"{label:44s} perplexity {ppl:.3f}  size {size} bytes ({size / fp32_size:.1%} of float)  "
                   f"quantize {t_quant:.1f}s" + (f"  [{notes}]" if notes else ""))
             if args.save_model:

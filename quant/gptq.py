@@ -7,11 +7,14 @@ Implemented: dampening (a fraction of the mean diagonal added to H), lazy block 
 scales (groups computed when the algorithm reaches them, from the already-updated weights), and
 act-order (columns in order of decreasing Hessian diagonal; groups then keep their contiguous
 columns and their scales are fixed up front from the original weights — "static groups" — so
-that the checkpoint layout is unchanged).
+that the checkpoint layout is unchanged), an optional MSE search of each scale's range (the
+reference code's `mse` quantizer), and true-sequential order within a block: each layer's
+Hessian comes from the inputs it gets once the layers before it are quantized.
 """
 import torch
 
 from .fake_quant import fake_quantize
+from .observers import _mse_best_ratio
 from .scheme import QScheme, qparams_from_range
 
 
@@ -31,14 +34,16 @@ class Hessian:
         self.H += x.t() @ x
 
 
-def _params(w: torch.Tensor, scheme: QScheme):
-    """Per-row scale / zero point of a (rows, cols) slice for the scheme's bits and symmetry."""
-    return qparams_from_range(w.amin(1, keepdim=True), w.amax(1, keepdim=True), scheme)
+def _params(w: torch.Tensor, scheme: QScheme, mse: bool = False):
+    """Per-row scale / zero point of a (rows, cols) slice for the scheme's bits and symmetry: over
+    the row's [min, max], or with `mse` over the shrunk range that minimizes the row's MSE."""
+    ratio = _mse_best_ratio(w, None, scheme).unsqueeze(1) if mse else 1.0
+    return qparams_from_range(w.amin(1, keepdim=True) * ratio, w.amax(1, keepdim=True) * ratio, scheme)
 
 
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QScheme, block_size: int = 128,
-                  percdamp: float = 0.01, act_order: bool = False):
+                  percdamp: float = 0.01, act_order: bool = False, mse: bool = False):
     """Quantize W (out, in) given H (in, in). Returns (Q, scale, zero_point), Q on the grid and
     the scales shaped as QScheme.param_shape of W's layout."""
     if scheme.granularity not in ("tensor", "channel", "group") or (scheme.granularity == "channel" and scheme.axis not in (0, -2)):
@@ -62,7 +67,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QScheme, block_size:
     elif scheme.granularity == "channel" or act_order:
         for k in range(n_groups):  # fixed up front: per-channel, or static groups under act-order
             cols = slice(k * g, (k + 1) * g) if g else slice(None)
-            s, z = _params(W[:, cols], scheme)
+            s, z = _params(W[:, cols], scheme, mse)
             scales[:, k], zeros[:, k] = s[:, 0], z[:, 0]
     lazy_groups = g is not None and not act_order
 
@@ -81,7 +86,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QScheme, block_size:
             group = col // g if g else 0
             if lazy_groups and col % g == 0:
                 # this group's scales, from its columns as updated so far
-                s, z = _params(torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :g], scheme)
+                s, z = _params(torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :g], scheme, mse)
                 scales[:, group], zeros[:, group] = s[:, 0], z[:, 0]
             w = W1[:, i]
             q = fake_quantize(w, scales[:, group], zeros[:, group], scheme.qmin, scheme.qmax)
@@ -100,8 +105,13 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QScheme, block_size:
 
 @torch.no_grad()
 def gptq_block(block, inputs: list, scheme_for, a_scheme=None, skip=(), **gptq_kwargs) -> None:
-    """GPTQ on every linear of one decoder block: one pass over the calibration inputs collects
-    each layer's Hessian, then each weight is quantized and its layer swapped for a QuantLinear."""
+    """GPTQ on every linear of one decoder block, true-sequentially: for each group of layers in
+    block order (q/k/v, o, gate/up, down), one pass over the calibration inputs through the block
+    as quantized so far collects the group's Hessian, then its weights are quantized and the
+    layers swapped for QuantLinears. Activation quantizers of the layers already done stay off
+    (static ones are calibrated after the block is quantized): the Hessians see quantized
+    weights and float activations."""
+    from .calibrate import activation_quant_disabled
     from .modules import QuantLinear, replace_module
     from .sequential import collect_inputs
     from .smoothing import is_linear, scale_groups, weight_matrix
@@ -112,12 +122,14 @@ def gptq_block(block, inputs: list, scheme_for, a_scheme=None, skip=(), **gptq_k
         names = [n for n in consumers if n in linears]
         for n in names[1:]:
             owner[n] = names[0]
-    observed = {n: linears[n] for n in set(owner.values())}
-    hessians = {n: Hessian(weight_matrix(m).shape[1], device=m.weight.device) for n, m in observed.items()}
-    collect_inputs(block, inputs, observed, lambda name, x: hessians[name].add(x))
-    for name, m in linears.items():
-        scheme = scheme_for(name, m)
-        q, scale, zp = gptq_quantize(weight_matrix(m), hessians[owner[name]].H, scheme, **gptq_kwargs)
-        qm = QuantLinear.from_module(m, scheme, a_scheme, fit_weight=False)
-        qm.set_quantized_weight(q, scale, zp)
-        replace_module(block, name, qm)
+    for lead in dict.fromkeys(owner.values()):  # group leaders, in block order
+        hessian = Hessian(weight_matrix(linears[lead]).shape[1], device=linears[lead].weight.device)
+        with activation_quant_disabled(block):
+            collect_inputs(block, inputs, {lead: block.get_submodule(lead)}, lambda name, x: hessian.add(x))
+        for name in [n for n in linears if owner[n] == lead]:
+            m = linears[name]
+            scheme = scheme_for(name, m)
+            q, scale, zp = gptq_quantize(weight_matrix(m), hessian.H, scheme, **gptq_kwargs)
+            qm = QuantLinear.from_module(m, scheme, a_scheme, fit_weight=False)
+            qm.set_quantized_weight(q, scale, zp)
+            replace_module(block, name, qm)
