@@ -127,6 +127,11 @@ def peak_rss_mb() -> float:
     return round(kb / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
+def peak_gpu_mb(device: str):
+    """Peak CUDA memory allocated by this process so far (MB), None off CUDA."""
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.startswith("cuda") else None
+
+
 def quantize(model, method, alpha, w_scheme, a_scheme, observer, calib, device, args) -> None:
     """Quantize `model` in place with one method. lm_head and embeddings stay float unless
     --quantize_embeddings (then round-to-nearest, weight-only for the block-by-block methods)."""
@@ -199,13 +204,18 @@ def main(argv=None):
                 device=device, dtype=args.dtype)
 
     rows, fp32_ppl = [], None
+
+    def record(row):  # each row lands as soon as it exists: a later failure loses nothing
+        row.update(peak_rss_mb=peak_rss_mb(), peak_gpu_mb=peak_gpu_mb(device), **base)
+        rows.append(row)
+        save_rows(args.results_dir, EXPERIMENT, [row])
+
     if not args.skip_fp32:
         t0 = time.time()
         fp32_ppl = perplexity(model, windows, args.batch_size, device, progress, desc="eval fp32")
-        rows.append(dict(timestamp=timestamp(), method="fp32", w_bits=32, a_bits=32, act="none", observer="", w_observer="",
-                         granularity="", group_size=None, perplexity=fp32_ppl, fp32_perplexity=fp32_ppl,
-                         size_bytes=fp32_size, seconds=round(time.time() - t0, 2), notes="", peak_rss_mb=peak_rss_mb(),
-                         **base))
+        record(dict(timestamp=timestamp(), method="fp32", w_bits=32, a_bits=32, act="none", observer="", w_observer="",
+                    granularity="", group_size=None, perplexity=fp32_ppl, fp32_perplexity=fp32_ppl, size_bytes=fp32_size,
+                    seconds=round(time.time() - t0, 2), notes=""))
         print(f"FP32 perplexity {fp32_ppl:.3f}  ({fp32_size} bytes)")
 
     for method, alpha in variants(args.method, args):
@@ -229,12 +239,11 @@ def main(argv=None):
             size = quantized_size_bytes(qmodel)
             label = f"{method} W{w_bits}" + (f"A{args.a_bits} {act}" if act != "none" else "") + f" {w_scheme.describe()}" \
                 + (f" {observer}" if observer else "") + (f" alpha={alpha}" if alpha is not None else "")
-            rows.append(dict(timestamp=timestamp(), method=method, w_bits=w_bits, a_bits=args.a_bits if act != "none" else 32,
-                             act=act, observer=observer, w_observer=args.w_observer, granularity=w_scheme.granularity,
-                             w_symmetric=w_scheme.symmetric,
-                             group_size=w_scheme.group_size, perplexity=ppl, fp32_perplexity=fp32_ppl, size_bytes=size,
-                             quant_seconds=round(t_quant, 2), seconds=round(time.time() - t0, 2), notes=notes,
-                             method_args=method_args(method, alpha, args), peak_rss_mb=peak_rss_mb(), **base))
+            record(dict(timestamp=timestamp(), method=method, w_bits=w_bits, a_bits=args.a_bits if act != "none" else 32,
+                        act=act, observer=observer, w_observer=args.w_observer, granularity=w_scheme.granularity,
+                        w_symmetric=w_scheme.symmetric, group_size=w_scheme.group_size, perplexity=ppl,
+                        fp32_perplexity=fp32_ppl, size_bytes=size, quant_seconds=round(t_quant, 2),
+                        seconds=round(time.time() - t0, 2), notes=notes, method_args=method_args(method, alpha, args)))
             print(f"{label:44s} perplexity {ppl:.3f}  size {size} bytes ({size / fp32_size:.1%} of float)  "
                   f"quantize {t_quant:.1f}s" + (f"  [{notes}]" if notes else ""))
             if args.save_model:
@@ -245,7 +254,6 @@ def main(argv=None):
                 tok.save_pretrained(folder)
                 print(f"saved {folder}")
             del qmodel
-    save_rows(args.results_dir, EXPERIMENT, rows)
     return rows
 
 

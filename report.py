@@ -76,15 +76,19 @@ def qat_nn(df, out_dir):
 
 def ptq_llm(df, out_dir):
     parts = []
-    if "method_args" not in df.columns:
-        df["method_args"] = ""
+    for col, default in (("method_args", ""), ("w_symmetric", True), ("quant_seconds", None)):
+        if col not in df.columns:
+            df[col] = default
     df["method_args"] = df.method_args.fillna("")
+    df["w_symmetric"] = df.w_symmetric.map(lambda v: str(v).lower() != "false")  # rows before the column were symmetric
+    # the device is not a key: a configuration gives the same perplexity on CPU and GPU (the FP32 rows agree to 4 digits)
     df = latest(df, ["model", "method", "method_args", "w_bits", "a_bits", "act", "observer", "w_observer", "group_size",
-                     "seq_len", "eval_tokens", "calib_samples", "seed"])
+                     "w_symmetric", "seq_len", "eval_tokens", "calib_samples", "seed"])
     for model, g in df.groupby("model", sort=False):
         g = g.copy()
         g["setting"] = [("FP32" if r.method == "fp32" else f"W{int(r.w_bits)}" + (f"A{int(r.a_bits)} {r.act}" if r.act != "none" else "")
                          + (f" g{int(r.group_size)}" if r.granularity == "group" else (" per-channel" if r.method != "fp32" else ""))
+                         + ("" if r.w_symmetric or r.method == "fp32" else " asym")
                          + (f" {r.observer}" if isinstance(r.observer, str) and r.observer else "")) for r in g.itertuples()]
         g["size MB"] = g.size_bytes / 1e6
         # rows run with --skip_fp32 compare with the FP32 row of the same evaluation
@@ -92,26 +96,31 @@ def ptq_llm(df, out_dir):
         ref = [r.fp32_perplexity if pd.notna(r.fp32_perplexity) else fp32_rows.get((r.seq_len, r.eval_tokens))
                for r in g.itertuples()]
         g["Δppl"] = g.perplexity - pd.to_numeric(pd.Series(ref, index=g.index))
-        g["method"] = [m + (f" ({a})" if a and (m == "smoothquant" or "act_order=True" in a) else "") for m, a in zip(g.method, g.method_args)]
-        cols = ["setting", "method", "perplexity", "Δppl", "size MB", "seconds"]
-        t = g[cols].rename(columns={"seconds": "time (s)"})
+        g["method"] = [m + (f" ({a})" if a and m != "rtn" else "") for m, a in zip(g.method, g.method_args)]
+        g["order"] = [(r.method != "fp32", r.act != "none", -r.w_bits, not r.w_symmetric, r.act, r.method != "rtn", r.method)
+                      for r in g.itertuples()]
+        g = g.sort_values("order", kind="stable")
+        t = g[["setting", "method", "perplexity", "Δppl", "size MB", "quant_seconds", "seconds", "device"]].rename(
+            columns={"quant_seconds": "quantize (s)", "seconds": "total (s)"})
         r = g.iloc[-1]
         name = re.sub(r"[^A-Za-z0-9]+", "_", os.path.basename(str(model).rstrip("/"))).strip("_")
         fig, ax = plt.subplots(figsize=(6, 4))
         wo = g[(g.method != "fp32") & (g.act == "none")].sort_values("w_bits")
-        for method, m in wo.groupby("method"):
-            ax.plot(m.w_bits, m.perplexity, marker="o", label=f"{method} weight-only")
+        for (method, sym), m in wo.groupby(["method", "w_symmetric"]):
+            ax.plot(m.w_bits, m.perplexity, marker="o", ls="-" if sym else "--", label=f"{method}{'' if sym else ' asym'}")
         fp32 = g[g.method == "fp32"].perplexity
         if len(fp32):
             ax.axhline(fp32.iloc[-1], color="k", lw=0.8, label=f"FP32 {fp32.iloc[-1]:.2f}")
-        ax.set(xlabel="weight bits", ylabel="WikiText-2 test perplexity", yscale="log", title=str(model), xticks=[2, 3, 4, 8])
-        ax.legend()
+        ax.set(xlabel="weight bits (weight-only)", ylabel="WikiText-2 test perplexity", yscale="log", title=str(model),
+               xticks=[2, 3, 4, 8])
+        ax.legend(fontsize=6)
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, f"ptq_llm_{name}.png"), dpi=120)
         plt.close(fig)
         parts.append(f"**{model}**: seq_len {int(r.seq_len)}, {int(r.eval_tokens)} evaluation tokens, "
-                     f"{int(r.calib_samples)} calibration windows from the {r.calib_split} split, {r.device}, "
-                     f"time = quantize + calibrate + evaluate.\n\n" + md(t) + f"\n\n![{model}](results/ptq_llm_{name}.png)")
+                     f"{int(r.calib_samples)} calibration windows from the {r.calib_split} split; total time = quantize + "
+                     f"calibrate + evaluate on the row's device (CPU rows: 2 cores; cuda rows: one H100).\n\n" + md(t)
+                     + f"\n\n![{model}](results/ptq_llm_{name}.png)")
     return "\n\n".join(parts)
 
 
