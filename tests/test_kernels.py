@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from quant import QScheme, calibrate, quantize_linears
 from quant import float_size_bytes as weight_bytes
-from quant.kernels import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear, convert_to_int
+from quant.kernels import Int4WeightOnlyLinear, Int8DynamicLinear, Int8StaticLinear, Int8WeightOnlyLinear, convert_to_int
 
 CASES = [
     (QScheme(8, granularity="channel"), None, Int8WeightOnlyLinear),
@@ -15,6 +15,9 @@ CASES = [
     (QScheme(4, symmetric=False, granularity="group", group_size=32), None, Int4WeightOnlyLinear),
     (QScheme(4, symmetric=False, signed=False, granularity="group", group_size=128), None, Int4WeightOnlyLinear),
     (QScheme(8, granularity="channel"), QScheme(8, granularity="token"), Int8DynamicLinear),
+    (QScheme(8, granularity="channel"), QScheme(8, symmetric=False, signed=False), Int8StaticLinear),
+    (QScheme(8, granularity="channel"), QScheme(8, symmetric=False), Int8StaticLinear),
+    (QScheme(8, granularity="channel"), QScheme(8), Int8StaticLinear),
 ]
 
 
@@ -29,8 +32,12 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("w,a,cls", CASES)
 def test_converted_matches_fake_quant(w, a, cls, device):
+    if cls is Int8StaticLinear and device == "cuda":
+        pytest.skip("the static int8 kernel is the CPU quantized engine's")
     model = mlp().to(device)
     quantize_linears(model, w, a)
+    if a is not None and not a.dynamic:
+        calibrate(model, [torch.randn(64, 256, device=device) for _ in range(4)], progress=False)
     x = torch.randn(5, 9, 256, device=device)
     with torch.no_grad():
         ref = model(x)

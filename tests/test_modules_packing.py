@@ -183,3 +183,33 @@ def test_quant_embedding_and_checkpoint(tmp_path):
     load_quantized(fresh, str(tmp_path / "e"))
     assert torch.equal(fresh["proj"](fresh["emb"](ids)), model["proj"](model["emb"](ids)))
     assert fresh["emb"].padding_idx == 0
+
+
+@pytest.mark.parametrize("w", [QScheme(8, granularity="channel"),
+                               QScheme(4, symmetric=False, granularity="group", group_size=32),
+                               QScheme(3, granularity="group", group_size=64)])
+def test_saved_file_within_2_percent_of_ideal(tmp_path, w):
+    """Ideal bytes, counted from the float model alone: bits/8 per quantized weight, a float32
+    scale per row or group, a one-byte zero point per row or group when asymmetric, and every
+    other tensor as it is (tied tensors once). The saved safetensors file, header included,
+    must be within 2 % of it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    ideal = 0
+    for m in linears.values():
+        rows = m.out_features * (m.in_features // w.group_size if w.granularity == "group" else 1)
+        ideal += m.weight.numel() * w.bits / 8 + rows * 4 + (0 if w.symmetric else rows)
+    quantized_ptrs = {m.weight.data_ptr() for m in linears.values()}
+    seen = set()
+    for t in model.state_dict().values():
+        if t.data_ptr() not in quantized_ptrs and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            ideal += t.numel() * t.element_size()
+    quantize_linears(model, w, skip=("lm_head",))
+    folder = save_quantized(model, str(tmp_path / "q"))
+    file_bytes = os.path.getsize(os.path.join(folder, "model.safetensors"))
+    assert abs(file_bytes / ideal - 1) < 0.02, (file_bytes, ideal)
