@@ -16,6 +16,8 @@ Each computes the same function as the fake-quantized layer it replaces, up to f
 (the tests bound the difference). Layers whose scheme has no kernel stay fake-quantized, and
 `convert_to_int` says which and why.
 """
+import weakref
+
 import torch
 import torch.nn as nn
 
@@ -69,6 +71,30 @@ class Int4WeightOnlyLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class _LastInput:
+    """The int8 codes of the last input quantized per token. Layers that read the same tensor
+    (q/k/v after one norm, gate/up after another) then quantize it once: the cache holds a weak
+    reference to the tensor and its in-place version counter, so a changed or new tensor misses."""
+    ref, version, value = None, None, None
+
+    @classmethod
+    def get(cls, x):
+        if cls.ref is not None and cls.ref() is x and cls.version == x._version:
+            return cls.value
+        return None
+
+    @classmethod
+    def put(cls, x, value):
+        cls.ref, cls.version, cls.value = weakref.ref(x), x._version, value
+
+
+def quantize_per_token(x2: torch.Tensor):
+    """int8 codes and per-row scales: the arithmetic of QScheme(8, granularity="token")."""
+    x_scale = (x2.abs().amax(-1, keepdim=True).float() / 127).clamp_(min=1e-12)
+    x_int8 = (x2.float() * (1.0 / x_scale)).round_().clamp_(-128, 127).to(torch.int8)
+    return x_int8, x_scale
+
+
 class Int8DynamicLinear(nn.Module):
     def __init__(self, q: QuantLinear):
         super().__init__()
@@ -77,15 +103,16 @@ class Int8DynamicLinear(nn.Module):
         self.bias = None if q.bias is None else nn.Parameter(q.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x):
-        x2 = x.reshape(-1, x.shape[-1])
-        # per-token symmetric int8, the arithmetic of QScheme(8, granularity="token")
-        x_scale = (x2.abs().amax(-1, keepdim=True).float() / 127).clamp(min=1e-12)
-        x_int8 = torch.round(x2.float() * (1.0 / x_scale)).clamp_(-128, 127).to(torch.int8)
+        cached = _LastInput.get(x)
+        if cached is None:
+            cached = quantize_per_token(x.reshape(-1, x.shape[-1]))
+            _LastInput.put(x, cached)
+        x_int8, x_scale = cached
         rows = x_int8.shape[0]
         if x_int8.is_cuda and rows <= 16:  # the CUDA kernel wants more than 16 rows
             x_int8 = torch.nn.functional.pad(x_int8, (0, 0, 0, 17 - rows))
         acc = torch._int_mm(x_int8, self.weight_int8_t)[:rows]
-        y = acc.mul(x_scale).mul_(self.scale)  # int32 * float32 -> float32 in one pass, then in place
+        y = acc.float().mul_(x_scale).mul_(self.scale)  # (cheaper than int32 * float promotion)
         if self.bias is not None:
             y.add_(self.bias)
         return y.to(x.dtype).reshape(*x.shape[:-1], -1)

@@ -88,3 +88,20 @@ def test_stories260k_int8_dynamic_matches(shared):
     assert set(report.values()) == {"Int8DynamicLinear"}
     assert float((out - ref).abs().mean() / ref.abs().mean()) < 0.01
     assert float((out.argmax(-1) == ref.argmax(-1)).float().mean()) > 0.98
+
+
+def test_shared_input_quantized_once_and_changes_invalidate():
+    """q/k/v-style layers reading one tensor reuse its int8 codes; an in-place change or a new
+    tensor must not."""
+    torch.manual_seed(0)
+    layers = [nn.Sequential(nn.Linear(64, 32)) for _ in range(2)]
+    for m in layers:
+        quantize_linears(m, QScheme(8, granularity="channel"), QScheme(8, granularity="token"))
+        convert_to_int(m)
+    x = torch.randn(20, 64)
+    ref = [m(x.clone()) for m in layers]
+    assert all(torch.equal(m(x), r) for m, r in zip(layers, ref))
+    x.mul_(3)  # same object, new contents
+    assert torch.allclose(layers[1](x), 3 * ref[1] - 2 * layers[1][0].bias, rtol=1e-4, atol=1e-4)
+    y = torch.randn(20, 64)
+    assert torch.equal(layers[0](y), layers[0](y.clone()))
