@@ -134,7 +134,8 @@ def bench(df, out_dir):
                     "images_per_s_b256", "speedup_b1", "speedup_b256", "notes"]
         else:
             cols = ["variant", "provider", "quality", "build_seconds", "size_bytes", "state_bytes", "prefill_tokens_per_s",
-                    "decode_tokens_per_s", "speedup_prefill", "speedup_decode", "notes"]
+                    "linears_prefill_ms", "decode_tokens_per_s", "speedup_prefill", "speedup_linears_prefill",
+                    "speedup_decode", "notes"]
         r = last.iloc[0]
         parts.append(f"**{name}** ({r.quality_metric}; {r.device}, {int(r.threads)} threads, torch {r.torch}, "
                      f"code {r.code}):\n\n" + md(last[[c for c in cols if c in last.columns]]))

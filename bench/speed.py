@@ -41,7 +41,7 @@ W8 = QScheme(8, granularity="channel")
 A8_TOKEN = QScheme(8, granularity="token")
 
 
-def ours(w, a=None, calib=None, forward=None, kernels=False, skip=("lm_head",)):
+def ours(w, a=None, calib=None, forward=None, kernels=False, skip=("lm_head",), chain=None):
     def build(model):
         quantize_linears(model, w, a, skip=skip)
         if a is not None and not a.dynamic:
@@ -49,7 +49,7 @@ def ours(w, a=None, calib=None, forward=None, kernels=False, skip=("lm_head",)):
         size = quantized_size_bytes(model)
         notes = ""
         if kernels:
-            report = convert_to_int(model)
+            report = convert_to_int(model, chain)
             fallback = [n for n, v in report.items() if v.startswith("fake-quant")]
             notes = f"{len(report) - len(fallback)} int layers" + (f", {len(fallback)} fake-quant" if fallback else "")
         return model, size, notes
@@ -161,6 +161,7 @@ def mlp_bench(args):
         "ours int8 weight-only": ("ours", ours(W8, kernels=True)),
         "ours int8 dynamic (W8A8)": ("ours", ours(W8, A8_TOKEN, kernels=True)),
         "ours int8 static (W8A8)": ("ours", ours(W8, a8, calib, kernels=True)),
+        "ours int8 static chained (W8A8)": ("ours", ours(W8, a8, calib, kernels=True, chain={"fc1": "fc2"})),
         "torch.ao dynamic int8": ("torch.ao", ao_dynamic()),
         "torch.ao static MinMax": ("torch.ao", ao_static("minmax", calib)),
         "torch.ao static Histogram": ("torch.ao", ao_static("histogram", calib)),

@@ -127,7 +127,13 @@ def static_engine() -> str | None:
 class Int8StaticLinear(nn.Module):
     """y = (q(x) - zp_x) s_x  (W_q s_w)^T + b, with q(x) the calibrated per-tensor 8-bit code of x.
     Codes are mapped to the engine's unsigned domain (u = q - qmin, zp_u = zp - qmin): the same
-    integers, so the same function."""
+    integers, so the same function.
+
+    Chained (`emit` set by convert_to_int's `chain`): instead of a float y the layer returns the
+    next layer's input codes, round(y / s_next) + zp_next, as a quint8 tensor from the engine's
+    requantizing GEMM, and the next layer takes them as they are. That is what the fake-quant
+    pair computes, except that the engine rounds y from its exact int32 sum, the fake-quant layer
+    from a float sum: a code can differ by one where y / s_next lies within float error of a tie."""
 
     def __init__(self, q: QuantLinear):
         super().__init__()
@@ -145,6 +151,7 @@ class Int8StaticLinear(nn.Module):
             torch.backends.quantized.engine = self.engine
             self._packed = torch.ops.quantized.linear_prepack(qw, None if q.bias is None else q.bias.detach().float().cpu())
         self.in_features, self.out_features = q.in_features, q.out_features
+        self.emit = None  # (scale, zero point) of the next layer's input codes, when chained
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # the packed weight is an engine object, not a tensor: save its int8 codes, scales and bias
@@ -156,9 +163,17 @@ class Int8StaticLinear(nn.Module):
 
     def forward(self, x):
         torch.backends.quantized.engine = self.engine
+        shape = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.emit is not None:
+            qx = x2 if x2.is_quantized else torch.quantize_per_tensor(x2.float().contiguous(), self.x_scale,
+                                                                       self.x_zero_point, torch.quint8)
+            return torch.ops.quantized.linear(qx, self._packed, *self.emit).reshape(*shape, -1)
+        if x2.is_quantized:  # codes from a chained layer: on this layer's grid, so re-quantizing them is exact
+            x2 = x2.dequantize()
         y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-            x.reshape(-1, x.shape[-1]).float().contiguous(), self.x_scale, self.x_zero_point, self._packed)
-        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+            x2.float().contiguous(), self.x_scale, self.x_zero_point, self._packed)
+        return y.to(torch.float32 if x.is_quantized else x.dtype).reshape(*shape, -1)
 
 
 def kernel_for(q: QuantLinear):
@@ -193,9 +208,12 @@ def kernel_for(q: QuantLinear):
 
 
 @torch.no_grad()
-def convert_to_int(model: nn.Module) -> dict:
+def convert_to_int(model: nn.Module, chain: dict | None = None) -> dict:
     """Swap every QuantLinear that has a kernel for its integer module, in place.
-    Returns {name: kernel class name, or 'fake-quant: <reason>'}."""
+    `chain` ({producer: consumer} layer names, both static int8) makes the producer hand its
+    output to the consumer as int8 codes, skipping a float round trip; only valid where nothing
+    but ReLU (which works on the codes) lies between them, e.g. {"fc1": "fc2"} for
+    fc2(relu(fc1(x))). Returns {name: kernel class name, or 'fake-quant: <reason>'}."""
     report = {}
     for name, q in quant_modules(model).items():
         cls, reason = kernel_for(q)
@@ -204,5 +222,11 @@ def convert_to_int(model: nn.Module) -> dict:
             continue
         replace_module(model, name, cls(q))
         report[name] = cls.__name__
+    for producer, consumer in (chain or {}).items():
+        p, c = model.get_submodule(producer), model.get_submodule(consumer)
+        if not (isinstance(p, Int8StaticLinear) and isinstance(c, Int8StaticLinear)):
+            raise ValueError(f"chain {producer} -> {consumer}: both layers must have become Int8StaticLinear")
+        p.emit = (c.x_scale, c.x_zero_point)
+        report[producer] += f" -> int8 codes for {consumer}"
     return report
 

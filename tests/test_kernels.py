@@ -105,3 +105,28 @@ def test_shared_input_quantized_once_and_changes_invalidate():
     assert torch.allclose(layers[1](x), 3 * ref[1] - 2 * layers[1][0].bias, rtol=1e-4, atol=1e-4)
     y = torch.randn(20, 64)
     assert torch.equal(layers[0](y), layers[0](y.clone()))
+
+
+@pytest.mark.parametrize("a", [QScheme(8, symmetric=False, signed=False), QScheme(8, symmetric=False)])
+def test_chained_static_layers_match_fake_quant(a):
+    """fc2(relu(fc1(x))) with fc1 handing int8 codes to fc2: the same function as the fake-quant
+    pair, up to a hidden code flipped by one at a float tie (bounded, and rare)."""
+    model = mlp(1)
+    quantize_linears(model, QScheme(8, granularity="channel"), a)
+    calibrate(model, [torch.randn(64, 256) for _ in range(4)], progress=False)
+    x = torch.randn(512, 256)
+    with torch.no_grad():
+        ref = model(x)
+        s_hidden = float(model[2].act_quant.scale)
+        one_code = s_hidden * float(model[2].weight.abs().max())
+        report = convert_to_int(model, chain={"0": "2"})
+        out = model(x)
+    assert report["0"] == "Int8StaticLinear -> int8 codes for 2"
+    assert not out.is_quantized and out.dtype == torch.float32
+    diff = (out - ref).abs()
+    assert float((diff > 1e-4 * float(ref.abs().max())).float().mean()) < 0.01
+    assert float(diff.max()) <= 2 * one_code
+    with pytest.raises(ValueError, match="Int8StaticLinear"):
+        m2 = mlp()
+        quantize_linears(m2, QScheme(8, granularity="channel"), QScheme(8, granularity="token"))
+        convert_to_int(m2, chain={"0": "2"})
