@@ -213,7 +213,7 @@ def llm_bench(args):
     prefill = time_interleaved({k: (lambda m=m: m(prompt)) for k, (m, *_) in built.items()}, args.repeats)
     # the linear layers' share of a prefill, timed inside the real forward (same layer names in every variant)
     linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
-    linears = {k: linear_seconds(m, linear_names, prompt, args.repeats) for k, (m, *_) in built.items()}
+    linears = linear_seconds({k: m for k, (m, *_) in built.items()}, linear_names, prompt, args.repeats)
     decode = time_interleaved({k: decode_step(m) for k, (m, *_) in built.items()}, args.repeats * 4)
     rows = []
     for name, (m, build_s, size, notes) in built.items():
@@ -234,27 +234,32 @@ def llm_bench(args):
     return rows
 
 
-def linear_seconds(model, names, x, repeats) -> float:
-    """Median over `repeats` forwards of the seconds spent inside the named submodules."""
-    mods = dict(model.named_modules())
-    spent, start = [0.0], {}
+def linear_seconds(models: dict, names, x, repeats) -> dict:
+    """{variant: median over `repeats` forwards of the seconds spent inside the named submodules},
+    timed round-robin across variants like time_interleaved."""
+    spent = {k: [0.0] for k in models}
+    start = {}
     handles = []
-    for n in names:
-        handles.append(mods[n].register_forward_pre_hook(lambda m, a, n=n: start.__setitem__(n, time.perf_counter())))
-        handles.append(mods[n].register_forward_hook(
-            lambda m, a, o, n=n: spent.__setitem__(0, spent[0] + time.perf_counter() - start[n])))
-    times = []
+    for k, model in models.items():
+        mods = dict(model.named_modules())
+        for n in names:
+            handles.append(mods[n].register_forward_pre_hook(lambda m, a, key=(k, n): start.__setitem__(key, time.perf_counter())))
+            handles.append(mods[n].register_forward_hook(
+                lambda m, a, o, k=k, key=(k, n): spent[k].__setitem__(0, spent[k][0] + time.perf_counter() - start[key])))
+    times = {k: [] for k in models}
     try:
         with torch.no_grad():
-            model(x)
+            for m in models.values():
+                m(x)
             for _ in range(repeats):
-                spent[0] = 0.0
-                model(x)
-                times.append(spent[0])
+                for k, m in models.items():
+                    spent[k][0] = 0.0
+                    m(x)
+                    times[k].append(spent[k][0])
     finally:
         for h in handles:
             h.remove()
-    return statistics.median(times)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def machine():
