@@ -16,6 +16,7 @@ Each computes the same function as the fake-quantized layer it replaces, up to f
 (the tests bound the difference). Layers whose scheme has no kernel stay fake-quantized, and
 `convert_to_int` says which and why.
 """
+import warnings
 import weakref
 
 import torch
@@ -61,12 +62,12 @@ class Int4WeightOnlyLinear(nn.Module):
 
     def forward(self, x):
         x2 = x.reshape(-1, x.shape[-1])
-        sz = self.scales_and_zeros.to(x.dtype)
         if self.cuda:
             y = torch._weight_int4pack_mm(x2.bfloat16(), self.weight_int4, self.group_size,
                                           self.scales_and_zeros.bfloat16()).to(x.dtype)
         else:
-            y = torch._weight_int4pack_mm_for_cpu(x2, self.weight_int4, self.group_size, sz)
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.weight_int4, self.group_size,
+                                                  self.scales_and_zeros.to(x.dtype))
         y = y.reshape(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
@@ -137,7 +138,6 @@ class Int8StaticLinear(nn.Module):
 
     def __init__(self, q: QuantLinear):
         super().__init__()
-        import warnings
         a, w = q.act_quant.scheme, q.weight_quant.scheme
         self.x_scale = float(q.act_quant.scale)
         self.x_zero_point = int(q.act_quant.zero_point) - a.qmin
@@ -179,8 +179,8 @@ class Int8StaticLinear(nn.Module):
 def kernel_for(q: QuantLinear):
     """(module class, None) for a layer that has an integer kernel, else (None, reason)."""
     w, a = q.weight_quant.scheme, q.act_quant.scheme if q.act_quant is not None else None
+    int8_channel = w.bits == 8 and w.symmetric and w.signed and w.granularity == "channel" and w.axis in (0, -2)
     if a is not None:
-        int8_channel = w.bits == 8 and w.symmetric and w.signed and w.granularity == "channel" and w.axis in (0, -2)
         if a.bits == 8 and a.granularity == "tensor" and not a.dynamic:
             if q.weight.is_cuda or static_engine() is None:
                 return None, "static int8 activations need the CPU x86 / fbgemm quantized engine"
@@ -194,7 +194,7 @@ def kernel_for(q: QuantLinear):
         if int8_channel:
             return Int8DynamicLinear, None
         return None, f"no W{w.bits}A8 kernel for weights {w.describe()}"
-    if w.bits == 8 and w.symmetric and w.signed and w.granularity == "channel" and w.axis in (0, -2):
+    if int8_channel:
         return Int8WeightOnlyLinear, None
     if w.bits == 4 and w.granularity == "group":
         if w.group_size not in INT4_GROUPS:

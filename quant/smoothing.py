@@ -90,12 +90,12 @@ def weight_matrix(m: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def smooth_block(block: nn.Module, inputs: list, alpha: float = 0.5, norms_only: bool = False) -> dict:
+def smooth_block(block: nn.Module, inputs: list, alpha: float = 0.5) -> dict:
     """SmoothQuant on one block, before its quantization. Returns {producer: scales}.
     Besides the paper's norm-fed inputs (q/k/v, gate/up), every exact linear-to-linear fold is
     smoothed too (up_proj -> down_proj): in SwiGLU models the down_proj input carries the largest
     outliers, and leaving it unsmoothed dominates the error of per-tensor int8 activations."""
-    groups = scale_groups(block, norms_only=norms_only)
+    groups = scale_groups(block)
     first = {prod_name: next(iter(cons.items())) for prod_name, _, cons in groups}
     amax = {}
 
