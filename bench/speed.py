@@ -16,12 +16,15 @@ variant inside one process). Variants:
   torch.ao  quantize_dynamic (fbgemm / x86), eager static PTQ with MinMax / Histogram observers (MLP)
   torchao   Int8WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig
   quanto    qint8 / qint4 weights
-Timings are medians over interleaved repeats (every variant is timed in each round, so slow
-drift of the machine hits all alike); speedups are against the float model of the same run.
+Timings are medians over interleaved repeats: every variant is timed once in each round, in an
+order shuffled afresh every round (seeded), so slow drift of the machine hits all alike and no
+variant always runs after the same neighbour (which warms or evicts the caches it needs);
+speedups are against the float model of the same run.
 """
 import argparse
 import copy
 import os
+import random
 import statistics
 import sys
 import time
@@ -116,17 +119,26 @@ def state_bytes(model) -> int:
     return buf.tell()
 
 
+def rounds(keys, repeats: int, seed: int = 0):
+    """`repeats` rounds over all keys, each in a fresh shuffled order."""
+    rng = random.Random(seed)
+    for _ in range(repeats):
+        order = list(keys)
+        rng.shuffle(order)
+        yield order
+
+
 def time_interleaved(fns: dict, repeats: int) -> dict:
-    """Median seconds of each callable, timed round-robin. (no_grad, not inference_mode: quanto's
-    int4 weights cannot run under inference_mode.)"""
+    """Median seconds of each callable over shuffled rounds. (no_grad, not inference_mode:
+    quanto's int4 weights cannot run under inference_mode.)"""
     with torch.no_grad():
         for f in fns.values():
             f()
         times = {k: [] for k in fns}
-        for _ in range(repeats):
-            for k, f in fns.items():
+        for order in rounds(fns, repeats):
+            for k in order:
                 t0 = time.perf_counter()
-                f()
+                fns[k]()
                 times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -236,7 +248,7 @@ def llm_bench(args):
 
 def linear_seconds(models: dict, names, x, repeats) -> dict:
     """{variant: median over `repeats` forwards of the seconds spent inside the named submodules},
-    timed round-robin across variants like time_interleaved."""
+    timed in shuffled rounds across variants like time_interleaved."""
     spent = {k: [0.0] for k in models}
     start = {}
     handles = []
@@ -251,10 +263,10 @@ def linear_seconds(models: dict, names, x, repeats) -> dict:
         with torch.no_grad():
             for m in models.values():
                 m(x)
-            for _ in range(repeats):
-                for k, m in models.items():
+            for order in rounds(models, repeats):
+                for k in order:
                     spent[k][0] = 0.0
-                    m(x)
+                    models[k](x)
                     times[k].append(spent[k][0])
     finally:
         for h in handles:

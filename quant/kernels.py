@@ -2,15 +2,15 @@
 run PyTorch's integer kernels, so the quantized model actually saves memory and time.
 
   Int8WeightOnlyLinear  int8 per-channel symmetric weights, float activations: torch._weight_int8pack_mm
-  Int4WeightOnlyLinear  int4 per-group weights (group 32..256), float activations:
+                        (on CPU in bfloat16, for up to 8 rows; more rows: float GEMM on the codes)
+  Int4WeightOnlyLinear  int4 per-group weights (group 32..256), bfloat16 activations (the layer
+                        rounds its input, a relative error of up to 2^-9):
                         torch._weight_int4pack_mm_for_cpu on CPU, torch._weight_int4pack_mm on CUDA
-                        (which takes bfloat16 activations and scales only: on CUDA the layer
-                        rounds its input to bfloat16, a relative error of up to 2^-9)
   Int8DynamicLinear     int8 per-channel weights x int8 per-token symmetric activations quantized
                         on the fly: torch._int_mm (exact int32 accumulation), then both scales
   Int8StaticLinear      int8 per-channel weights x 8-bit per-tensor static activations (the
-                        calibrated scale and zero point), on CPU: the x86 / fbgemm quantized
-                        engine's fused linear (quantize input, int8 GEMM, float output in one op)
+                        calibrated scale and zero point), on CPU: one fused quantization of the
+                        input, torch._int_mm, the zero point folded into the bias
 
 Each computes the same function as the fake-quantized layer it replaces, up to float rounding
 (the tests bound the difference). Layers whose scheme has no kernel stay fake-quantized, and
@@ -28,6 +28,14 @@ INT4_GROUPS = (32, 64, 128, 256)
 
 
 class Int8WeightOnlyLinear(nn.Module):
+    """On CPU, PyTorch's int8 weight-only kernel is fast only for a few rows in bfloat16 (in
+    float32 it was 10-80x slower than a float GEMM here): up to DECODE_ROWS rows (decoding) the
+    layer rounds its input to bfloat16 (relative error up to 2^-9) and uses it; for more rows
+    (prefill, batches) it runs a float32 GEMM against the int8 codes converted on the fly and
+    scales the output, which stays within ~1.3x of the float layer's time and is exact up to
+    float rounding. On CUDA the kernel takes the input as it is."""
+    DECODE_ROWS = 8
+
     def __init__(self, q: QuantLinear):
         super().__init__()
         self.register_buffer("weight_int8", q.weight_quant.int_repr(q.weight).contiguous())
@@ -35,7 +43,13 @@ class Int8WeightOnlyLinear(nn.Module):
         self.bias = None if q.bias is None else nn.Parameter(q.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x):
-        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight_int8, self.scale.to(x.dtype))
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.is_cuda:
+            y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scale.to(x.dtype))
+        elif x2.shape[0] <= self.DECODE_ROWS:
+            y = torch._weight_int8pack_mm(x2.bfloat16(), self.weight_int8, self.scale.bfloat16()).to(x.dtype)
+        else:
+            y = (x2 @ self.weight_int8.t().to(x.dtype)).mul_(self.scale.to(x.dtype))
         y = y.reshape(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
@@ -62,12 +76,10 @@ class Int4WeightOnlyLinear(nn.Module):
 
     def forward(self, x):
         x2 = x.reshape(-1, x.shape[-1])
-        if self.cuda:
-            y = torch._weight_int4pack_mm(x2.bfloat16(), self.weight_int4, self.group_size,
-                                          self.scales_and_zeros.bfloat16()).to(x.dtype)
-        else:
-            y = torch._weight_int4pack_mm_for_cpu(x2, self.weight_int4, self.group_size,
-                                                  self.scales_and_zeros.to(x.dtype))
+        # both kernels run in bfloat16: the CUDA one takes nothing else, the CPU one is 20-100x
+        # slower in float32 (a scalar loop; measured here)
+        mm = torch._weight_int4pack_mm if self.cuda else torch._weight_int4pack_mm_for_cpu
+        y = mm(x2.bfloat16(), self.weight_int4, self.group_size, self.scales_and_zeros.bfloat16()).to(x.dtype)
         y = y.reshape(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
@@ -89,11 +101,31 @@ class _LastInput:
         cls.ref, cls.version, cls.value = weakref.ref(x), x._version, value
 
 
+def _int8_codes(x2: torch.Tensor, scale: float, zero_point: int, as_dtype=torch.int8) -> torch.Tensor:
+    """clamp(round(x / scale) + zero_point, -128, 127) as a plain int8 tensor (or its bytes read as
+    uint8), in one pass: quantize_per_tensor is the fused, vectorized kernel; its storage is read
+    as plain integers without the copy int_repr makes (int_repr is slower than quantizing).
+    Elsewhere than on CPU, the same arithmetic as separate ops."""
+    if not x2.is_cpu:
+        q = (x2.float() * (1.0 / scale)).round_().add_(zero_point).clamp_(-128, 127)
+        return q.to(torch.int8).view(as_dtype)
+    q = torch.quantize_per_tensor(x2.float().contiguous(), scale, zero_point, torch.qint8)
+    return torch.empty(0, dtype=as_dtype, device=q.device).set_(q.untyped_storage(), 0, q.shape)
+
+
+# Quantized tensors are deprecated (their kernels, used above only as a fused quantizer, remain);
+# PyTorch warns once per process, so spend that warning here, silently.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    torch.quantize_per_tensor(torch.zeros(1), 1.0, 0, torch.qint8)
+
+
 def quantize_per_token(x2: torch.Tensor):
-    """int8 codes and per-row scales: the arithmetic of QScheme(8, granularity="token")."""
+    """int8 codes and per-row scales: the arithmetic of QScheme(8, granularity="token"). The rows
+    are divided by their scales in one pass, then rounded, clamped and narrowed by the fused
+    per-tensor quantization at scale 1: round(x * (1 / s)) either way, so the same codes."""
     x_scale = (x2.abs().amax(-1, keepdim=True).float() / 127).clamp_(min=1e-12)
-    x_int8 = (x2.float() * (1.0 / x_scale)).round_().clamp_(-128, 127).to(torch.int8)
-    return x_int8, x_scale
+    return _int8_codes(x2.float() * (1.0 / x_scale), 1.0, 0), x_scale
 
 
 class Int8DynamicLinear(nn.Module):
@@ -113,67 +145,57 @@ class Int8DynamicLinear(nn.Module):
         if x_int8.is_cuda and rows <= 16:  # the CUDA kernel wants more than 16 rows
             x_int8 = torch.nn.functional.pad(x_int8, (0, 0, 0, 17 - rows))
         acc = torch._int_mm(x_int8, self.weight_int8_t)[:rows]
-        y = acc.float().mul_(x_scale).mul_(self.scale)  # (cheaper than int32 * float promotion)
-        if self.bias is not None:
-            y.add_(self.bias)
+        y = acc.float().mul_(x_scale)  # (faster than int32 * float's promotion, measured)
+        y = y.mul_(self.scale) if self.bias is None else torch.addcmul(self.bias, y, self.scale)
         return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
-def static_engine() -> str | None:
-    """The CPU quantized engine that has the fused float-in / float-out int8 linear, or None."""
-    engines = torch.backends.quantized.supported_engines
-    return next((e for e in ("x86", "fbgemm") if e in engines), None)
-
-
 class Int8StaticLinear(nn.Module):
-    """y = (q(x) - zp_x) s_x  (W_q s_w)^T + b, with q(x) the calibrated per-tensor 8-bit code of x.
-    Codes are mapped to the engine's unsigned domain (u = q - qmin, zp_u = zp - qmin): the same
-    integers, so the same function.
+    """y = (q(x) - zp) s_x (W_q s_w)^T + b, with q(x) the calibrated per-tensor 8-bit code of x.
+    The codes are shifted into int8 (c = q - qmin - 128, so the grid becomes c - zc with
+    zc = zp - qmin - 128) for torch._int_mm; the zero point's share, -zc * sum_k W_q, is a
+    per-channel constant folded into the bias once:
+        y = s_x s_w (c @ W_q^T) + [b - s_x s_w zc sum_k W_q].
 
-    Chained (`emit` set by convert_to_int's `chain`): instead of a float y the layer returns the
-    next layer's input codes, round(y / s_next) + zp_next, as a quint8 tensor from the engine's
-    requantizing GEMM, and the next layer takes them as they are. That is what the fake-quant
-    pair computes, except that the engine rounds y from its exact int32 sum, the fake-quant layer
-    from a float sum: a code can differ by one where y / s_next lies within float error of a tie."""
+    Chained (convert_to_int's `chain`, for consumer(relu(producer(x)))): instead of a float y the
+    producer returns relu(y) as the consumer's int8 input codes, quantized once on the consumer's
+    grid, their bytes handed over as a uint8 tensor so that the model's own ReLU leaves them as
+    they are; the consumer reads the same bytes back as int8. That is what the fake-quant pair
+    computes, except that the producer rounds y / s_next from its own float epilogue: a code can
+    differ by one where y / s_next lies within float error of a tie."""
 
     def __init__(self, q: QuantLinear):
         super().__init__()
-        a, w = q.act_quant.scheme, q.weight_quant.scheme
+        a = q.act_quant.scheme
         self.x_scale = float(q.act_quant.scale)
-        self.x_zero_point = int(q.act_quant.zero_point) - a.qmin
-        self.engine = static_engine()
-        codes = q.weight_quant.int_repr(q.weight).reshape(q.out_features, q.in_features)
-        scale = q.weight_quant.scale.reshape(-1).double()
-        with warnings.catch_warnings():  # quantized tensors are deprecated, the engine's kernels are not (yet)
-            warnings.simplefilter("ignore")
-            qw = torch._make_per_channel_quantized_tensor(codes.to(torch.int8).cpu(), scale.cpu(),
-                                                          torch.zeros_like(scale, dtype=torch.long).cpu(), 0)
-            torch.backends.quantized.engine = self.engine
-            self._packed = torch.ops.quantized.linear_prepack(qw, None if q.bias is None else q.bias.detach().float().cpu())
-        self.in_features, self.out_features = q.in_features, q.out_features
-        self.emit = None  # (scale, zero point) of the next layer's input codes, when chained
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        # the packed weight is an engine object, not a tensor: save its int8 codes, scales and bias
-        qw, bias = torch.ops.quantized.linear_unpack(self._packed)
-        destination[prefix + "weight_int8"] = qw.int_repr()
-        destination[prefix + "weight_scale"] = qw.q_per_channel_scales().float()
-        if bias is not None:
-            destination[prefix + "bias"] = bias
+        self.x_zero_point = int(q.act_quant.zero_point) - a.qmin - 128  # zc, on the int8 grid
+        codes = q.weight_quant.int_repr(q.weight).reshape(q.out_features, q.in_features).to(torch.int8)
+        w_scale = q.weight_quant.scale.reshape(-1).float()
+        self.register_buffer("weight_int8", codes.contiguous())
+        self.register_buffer("weight_scale", w_scale.contiguous())
+        self.bias = None if q.bias is None else nn.Parameter(q.bias.detach().float().clone(), requires_grad=False)
+        # derived from the above, so not saved
+        out_scale = self.x_scale * w_scale
+        bias = torch.zeros_like(w_scale) if q.bias is None else q.bias.detach().float()
+        self.register_buffer("out_scale", out_scale, persistent=False)
+        self.register_buffer("out_bias", bias - out_scale * self.x_zero_point * codes.sum(1, dtype=torch.int32).float(),
+                             persistent=False)
+        self.emit = None  # (scale, int8 zero point) of the consumer's input, when chained
 
     def forward(self, x):
-        torch.backends.quantized.engine = self.engine
         shape = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
+        if x2.dtype == torch.uint8:  # int8 codes from the chained producer, as bytes
+            c = x2.view(torch.int8)
+        else:
+            c = _int8_codes(x2, self.x_scale, self.x_zero_point)
+        y = torch.addcmul(self.out_bias, torch._int_mm(c, self.weight_int8.t()), self.out_scale)
         if self.emit is not None:
-            qx = x2 if x2.is_quantized else torch.quantize_per_tensor(x2.float().contiguous(), self.x_scale,
-                                                                       self.x_zero_point, torch.quint8)
-            return torch.ops.quantized.linear(qx, self._packed, *self.emit).reshape(*shape, -1)
-        if x2.is_quantized:  # codes from a chained layer: on this layer's grid, so re-quantizing them is exact
-            x2 = x2.dequantize()
-        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-            x2.float().contiguous(), self.x_scale, self.x_zero_point, self._packed)
-        return y.to(torch.float32 if x.is_quantized else x.dtype).reshape(*shape, -1)
+            scale, zero_point = self.emit
+            if zero_point != -128:  # (at -128, the clamp to the lowest code is the ReLU)
+                y.relu_()
+            return _int8_codes(y, scale, zero_point, as_dtype=torch.uint8).reshape(*shape, -1)
+        return y.to(x.dtype if x.is_floating_point() else torch.float32).reshape(*shape, -1)
 
 
 def kernel_for(q: QuantLinear):
@@ -182,8 +204,8 @@ def kernel_for(q: QuantLinear):
     int8_channel = w.bits == 8 and w.symmetric and w.signed and w.granularity == "channel" and w.axis in (0, -2)
     if a is not None:
         if a.bits == 8 and a.granularity == "tensor" and not a.dynamic:
-            if q.weight.is_cuda or static_engine() is None:
-                return None, "static int8 activations need the CPU x86 / fbgemm quantized engine"
+            if q.weight.is_cuda:
+                return None, "the static int8 kernel runs on CPU (on CUDA use per-token dynamic activations)"
             if not int8_channel:
                 return None, f"no W{w.bits}A8 static kernel for weights {w.describe()}"
             if q.act_quant.scale is None:
@@ -210,10 +232,11 @@ def kernel_for(q: QuantLinear):
 @torch.no_grad()
 def convert_to_int(model: nn.Module, chain: dict | None = None) -> dict:
     """Swap every QuantLinear that has a kernel for its integer module, in place.
-    `chain` ({producer: consumer} layer names, both static int8) makes the producer hand its
-    output to the consumer as int8 codes, skipping a float round trip; only valid where nothing
-    but ReLU (which works on the codes) lies between them, e.g. {"fc1": "fc2"} for
-    fc2(relu(fc1(x))). Returns {name: kernel class name, or 'fake-quant: <reason>'}."""
+    `chain` ({producer: consumer} layer names, both static int8) is for consumer(relu(producer(x))),
+    e.g. {"fc1": "fc2"} for fc2(relu(fc1(x))): the producer applies the ReLU itself and hands the
+    consumer its input codes, skipping a float round trip. Only valid with exactly a ReLU between
+    them (it is applied in the producer; the model's own ReLU then sees codes, which it leaves
+    as they are). Returns {name: kernel class name, or 'fake-quant: <reason>'}."""
     report = {}
     for name, q in quant_modules(model).items():
         cls, reason = kernel_for(q)
@@ -227,6 +250,6 @@ def convert_to_int(model: nn.Module, chain: dict | None = None) -> dict:
         if not (isinstance(p, Int8StaticLinear) and isinstance(c, Int8StaticLinear)):
             raise ValueError(f"chain {producer} -> {consumer}: both layers must have become Int8StaticLinear")
         p.emit = (c.x_scale, c.x_zero_point)
-        report[producer] += f" -> int8 codes for {consumer}"
+        report[producer] += f" -> relu -> int8 codes for {consumer}"
     return report
 
