@@ -213,9 +213,11 @@ def kernel_for(q: QuantLinear):
             return Int8StaticLinear, None
         if not (a.dynamic and a.symmetric and a.signed and a.bits == 8):
             return None, f"no kernel for activations {a.describe()} (needs int8 per-token symmetric or per-tensor static)"
-        if int8_channel:
-            return Int8DynamicLinear, None
-        return None, f"no W{w.bits}A8 kernel for weights {w.describe()}"
+        if not int8_channel:
+            return None, f"no W{w.bits}A8 kernel for weights {w.describe()}"
+        if q.weight.is_cuda and (q.in_features % 8 or q.out_features % 8):
+            return None, f"the CUDA int8 GEMM needs in and out features divisible by 8, got {q.in_features}, {q.out_features}"
+        return Int8DynamicLinear, None
     if int8_channel:
         return Int8WeightOnlyLinear, None
     if w.bits == 4 and w.granularity == "group":
