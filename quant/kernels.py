@@ -2,7 +2,7 @@
 run PyTorch's integer kernels, so the quantized model actually saves memory and time.
 
   Int8WeightOnlyLinear  int8 per-channel symmetric weights, float activations: torch._weight_int8pack_mm
-                        (on CPU in bfloat16, for up to 8 rows; more rows: float GEMM on the codes)
+                        for up to 8 rows (on CPU in bfloat16); more rows: a GEMM on the codes
   Int4WeightOnlyLinear  int4 per-group weights (group 32..256), bfloat16 activations (the layer
                         rounds its input, a relative error of up to 2^-9):
                         torch._weight_int4pack_mm_for_cpu on CPU, torch._weight_int4pack_mm on CUDA
@@ -28,12 +28,12 @@ INT4_GROUPS = (32, 64, 128, 256)
 
 
 class Int8WeightOnlyLinear(nn.Module):
-    """On CPU, PyTorch's int8 weight-only kernel is fast only for a few rows in bfloat16 (in
-    float32 it was 10-80x slower than a float GEMM here): up to DECODE_ROWS rows (decoding) the
-    layer rounds its input to bfloat16 (relative error up to 2^-9) and uses it; for more rows
-    (prefill, batches) it runs a float32 GEMM against the int8 codes converted on the fly and
-    scales the output, which stays within ~1.3x of the float layer's time and is exact up to
-    float rounding. On CUDA the kernel takes the input as it is."""
+    """PyTorch's int8 weight-only kernel is fast only for a few rows (decoding), and on CPU only in
+    bfloat16 (in float32 it was 10-80x slower than a float GEMM here; on an H100, 7x slower at
+    512 rows). So up to DECODE_ROWS rows the layer uses it, on CPU with its input rounded to
+    bfloat16 (relative error up to 2^-9); for more rows (prefill, batches) it runs a GEMM in the
+    input's dtype against the int8 codes converted on the fly and scales the output (within
+    ~1.3x of the float layer's time on CPU, exact up to float rounding)."""
     DECODE_ROWS = 8
 
     def __init__(self, q: QuantLinear):
@@ -44,10 +44,9 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def forward(self, x):
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.is_cuda:
-            y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scale.to(x.dtype))
-        elif x2.shape[0] <= self.DECODE_ROWS:
-            y = torch._weight_int8pack_mm(x2.bfloat16(), self.weight_int8, self.scale.bfloat16()).to(x.dtype)
+        if x2.shape[0] <= self.DECODE_ROWS:
+            dtype = x.dtype if x2.is_cuda else torch.bfloat16
+            y = torch._weight_int8pack_mm(x2.to(dtype), self.weight_int8, self.scale.to(dtype)).to(x.dtype)
         else:
             y = (x2 @ self.weight_int8.t().to(x.dtype)).mul_(self.scale.to(x.dtype))
         y = y.reshape(*x.shape[:-1], -1)
