@@ -131,9 +131,12 @@ def rounds(keys, repeats: int, seed: int = 0):
         yield order
 
 
+ON_CUDA = False  # set by main from --device
+
+
 def sync():
     """Wait for queued GPU work, so that a timer measures it (a no-op on CPU)."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if ON_CUDA:
         torch.cuda.synchronize()
 
 
@@ -309,7 +312,7 @@ def linear_seconds(models: dict, names, x, repeats) -> dict:
 def forward_memory(fns: dict) -> dict:
     """On CUDA, {variant: MB of GPU memory one call allocates on top of what is resident}: the
     activations, workspaces and any dequantized weight copies. Empty on CPU."""
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+    if not ON_CUDA:
         return {}
     out = {}
     with torch.no_grad():
@@ -351,6 +354,8 @@ def main():
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here")
     args.dtype = getattr(torch, args.dtype)
+    global ON_CUDA
+    ON_CUDA = args.device == "cuda"
     rows = mlp_bench(args) if args.which == "mlp" else llm_bench(args)
     path = os.path.join(args.results_dir, f"bench_{args.which}.csv")
     append_rows(path, rows)
