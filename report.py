@@ -125,20 +125,24 @@ def ptq_llm(df, out_dir):
 
 
 def bench(df, out_dir):
-    """The latest run of bench/speed.py for each benchmark, as it was measured."""
+    """For each benchmark and machine (device + torch build), the latest row of every variant.
+    Speedups are against the float model of the row's own run; the code column names the run."""
     parts = []
-    for name, g in df.groupby("bench", sort=False):
-        last = g[g.timestamp >= g[g.variant == "float"].timestamp.max()]
+    df = df.assign(dtype=df.get("dtype", pd.Series(index=df.index, dtype=object)).fillna("float32"))
+    for (name, device, torch_version), g in df.groupby(["bench", "device", "torch"], sort=False):
+        last = g.sort_values("timestamp").groupby("variant", sort=False).tail(1)
+        last = last.set_index("variant").loc[g.variant.drop_duplicates()].reset_index()  # the bench's order
         if name == "mlp":
             cols = ["variant", "provider", "quality", "build_seconds", "size_bytes", "state_bytes", "latency_ms_b1",
-                    "images_per_s_b256", "speedup_b1", "speedup_b256", "notes"]
+                    "images_per_s_b256", "speedup_b1", "speedup_b256", "peak_forward_mb", "notes", "code"]
         else:
             cols = ["variant", "provider", "quality", "build_seconds", "size_bytes", "state_bytes", "prefill_tokens_per_s",
                     "linears_prefill_ms", "decode_tokens_per_s", "speedup_prefill", "speedup_linears_prefill",
-                    "speedup_decode", "notes"]
+                    "speedup_decode", "peak_forward_mb", "notes", "code"]
+        cols = [c for c in cols if c in last.columns and last[c].notna().any()]
         r = last.iloc[0]
-        parts.append(f"**{name}** ({r.quality_metric}; {r.device}, {int(r.threads)} threads, torch {r.torch}, "
-                     f"code {r.code}):\n\n" + md(last[[c for c in cols if c in last.columns]]))
+        parts.append(f"**{name}** on {device} ({r.quality_metric}; {int(r.threads)} threads, {r.dtype}, "
+                     f"torch {torch_version}):\n\n" + md(last[cols]))
     return "\n\n".join(parts)
 
 
