@@ -327,10 +327,14 @@ def forward_memory(fns: dict) -> dict:
 
 
 def machine(args):
-    import platform
-    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    return dict(device=device, dtype=str(args.dtype).removeprefix("torch."), cpu=platform.processor() or platform.machine(),
-                threads=torch.get_num_threads(), torch=torch.__version__, code=code_version())
+    """The run's machine and code, read once when the run starts."""
+    if not hasattr(args, "machine"):
+        import platform
+        device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+        args.machine = dict(device=device, dtype=str(args.dtype).removeprefix("torch."),
+                            cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+                            torch=torch.__version__, code=code_version())
+    return args.machine
 
 
 def main():
@@ -356,6 +360,7 @@ def main():
     args.dtype = getattr(torch, args.dtype)
     global ON_CUDA
     ON_CUDA = args.device == "cuda"
+    machine(args)
     rows = mlp_bench(args) if args.which == "mlp" else llm_bench(args)
     path = os.path.join(args.results_dir, f"bench_{args.which}.csv")
     append_rows(path, rows)
