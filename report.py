@@ -141,7 +141,7 @@ def bench(df, out_dir):
                     "speedup_decode", "peak_forward_mb", "notes", "code"]
         cols = [c for c in cols if c in last.columns and last[c].notna().any()]
         r = last.iloc[0]
-        parts.append(f"**{name}** on {device} ({r.quality_metric}; {int(r.threads)} threads, {r.dtype}, "
+        parts.append(f"**{name}** on {device} ({r.quality_metric}; {int(r.threads)} threads, {r['dtype']}, "
                      f"torch {torch_version}):\n\n" + md(last[cols]))
     return "\n\n".join(parts)
 
