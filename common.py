@@ -172,9 +172,9 @@ def timestamp() -> str:
 
 
 def code_version() -> str:
-    """Short git commit of the code that produced a row ('-dirty' with uncommitted changes outside
-    results/, which holds outputs, not code), or $QUANT_CODE_VERSION where the code runs from a
-    copy without its .git (another machine)."""
+    """Short git commit of the code that produced a row ('-dirty' with uncommitted changes to the
+    code: Python files, configs, requirements; not results or prose), or $QUANT_CODE_VERSION
+    where the code runs from a copy without its .git (another machine)."""
     import subprocess
     if os.environ.get("QUANT_CODE_VERSION"):
         return os.environ["QUANT_CODE_VERSION"]
@@ -182,7 +182,7 @@ def code_version() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
                                 timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"], cwd=here, capture_output=True,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "*.py", "configs", "requirements.txt"], cwd=here, capture_output=True,
                                text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""

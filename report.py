@@ -142,7 +142,8 @@ def bench(df, out_dir):
         cols = [c for c in cols if c in last.columns and last[c].notna().any()]
         r = last.iloc[0]
         parts.append(f"**{name}** on {device} ({r.quality_metric}; {int(r.threads)} threads, {r['dtype']}, "
-                     f"torch {torch_version}):\n\n" + md(last[cols]))
+                     f"torch {torch_version}; the latest row of each variant, its speedups against the float model "
+                     f"of its own run, named by `code`):\n\n" + md(last[cols]))
     return "\n\n".join(parts)
 
 
