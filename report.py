@@ -134,11 +134,11 @@ def bench(df, out_dir):
         last = last.set_index("variant").loc[g.variant.drop_duplicates()].reset_index()  # the bench's order
         if name == "mlp":
             cols = ["variant", "provider", "quality", "build_seconds", "size_bytes", "state_bytes", "latency_ms_b1",
-                    "images_per_s_b256", "speedup_b1", "speedup_b256", "peak_forward_mb", "notes", "code"]
+                    "images_per_s_b256", "speedup_b1", "speedup_b256", "rss_mb", "peak_rss_mb", "peak_forward_mb", "notes", "code"]
         else:
             cols = ["variant", "provider", "quality", "build_seconds", "size_bytes", "state_bytes", "prefill_tokens_per_s",
                     "linears_prefill_ms", "decode_tokens_per_s", "speedup_prefill", "speedup_linears_prefill",
-                    "speedup_decode", "peak_forward_mb", "notes", "code"]
+                    "speedup_decode", "rss_mb", "peak_rss_mb", "peak_forward_mb", "notes", "code"]
         cols = [c for c in cols if c in last.columns and last[c].notna().any()]
         r = last.iloc[0]
         parts.append(f"**{name}** on {device} ({r.quality_metric}; {int(r.threads)} threads, {r['dtype']}, "

@@ -9,9 +9,11 @@ MLP: test accuracy, images/s at batch 1 and 256. LLM: perplexity on --eval_sampl
 test windows, prefill tokens/s on one --seq_len window and the time spent in its linear layers
 (lm_head excluded), one-token decode tokens/s after a --seq_len prefill. For every variant: the time it took to produce (quantize, calibrate,
 convert), its saved size where it has one (our packed checkpoint) and the bytes of its state
-as torch.save writes it (what its weights occupy); on CUDA also the peak GPU memory of one
-forward (batch 256 / one prefill) with the weights loaded (on CPU peak memory is not separable per
-variant inside one process). Variants that have no kernel on the chosen device are left out
+as torch.save writes it (what its weights occupy), and its memory in use: on CPU, measured in a
+fresh process per variant that holds only that variant (built from the float model, which is
+then freed), its resident memory with the weights loaded and the peak during one forward (batch
+256 / one prefill), Python and torch included; on CUDA, the GPU memory that one forward allocates
+on top of the resident weights. Variants that have no kernel on the chosen device are left out
 (torch.ao and our static int8 run on CPU only). Variants:
   ours      fake-quant (W8A8 static / W8 weight-only, the overhead of simulation) and the real
             integer kernels of quant/kernels.py (int8 weight-only, int4 per-group weight-only,
@@ -26,9 +28,12 @@ speedups are against the float model of the same run.
 """
 import argparse
 import copy
+import gc
+import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -86,7 +91,7 @@ def ao_dynamic():
         from torch.ao.quantization import quantize_dynamic
         skip = getattr(model, "lm_head", None)
         names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not skip}
-        return quantize_dynamic(model, names, dtype=torch.qint8), None, ""
+        return quantize_dynamic(model, names, dtype=torch.qint8, inplace=True), None, ""
     return build
 
 
@@ -203,9 +208,12 @@ def mlp_bench(args):
         "quanto qint8 weights": ("quanto", quanto("qint8")),
         "quanto qint4 weights": ("quanto", quanto("qint4")),
     }
-    built = build_all(base, variants, args.only, args.device)
     x1, x256 = test_x[:1], test_x[:256]
+    if args.memory_of:
+        return memory_child(base, variants, args.memory_of, lambda m: m(x256))
+    built = build_all(base, variants, args.only, args.device)
     extra = forward_memory({k: (lambda m=m: m(x256)) for k, (m, *_) in built.items()})
+    rss = {k: cpu_memory(k) for k in built} if args.device == "cpu" else {}
     t1 = time_interleaved({k: (lambda m=m: m(x1)) for k, (m, *_) in built.items()}, args.repeats * 4)
     t256 = time_interleaved({k: (lambda m=m: m(x256)) for k, (m, *_) in built.items()}, args.repeats)
     rows = []
@@ -217,7 +225,7 @@ def mlp_bench(args):
                          state_bytes=state_bytes(model), latency_ms_b1=round(t1[name] * 1e3, 4),
                          images_per_s_b256=round(256 / t256[name], 1), speedup_b256=round(t256["float"] / t256[name], 3),
                          speedup_b1=round(t1["float"] / t1[name], 3), peak_forward_mb=extra.get(name),
-                         notes=notes, **machine(args)))
+                         **rss.get(name, {}), notes=notes, **machine(args)))
     return rows
 
 
@@ -237,8 +245,10 @@ def llm_bench(args):
         "quanto qint4 weights": ("quanto", quanto("qint4")),
         "torch.ao dynamic int8": ("torch.ao", ao_dynamic()),
     }
-    built = build_all(model, variants, args.only, args.device)
     prompt = windows[:1].to(args.device)
+    if args.memory_of:
+        return memory_child(model, variants, args.memory_of, lambda m: m(prompt))
+    built = build_all(model, variants, args.only, args.device)
 
     def decode_step(m):
         with torch.no_grad():
@@ -251,6 +261,7 @@ def llm_bench(args):
     linears = linear_seconds({k: m for k, (m, *_) in built.items()}, linear_names, prompt, args.repeats)
     decode = time_interleaved({k: decode_step(m) for k, (m, *_) in built.items()}, args.repeats * 4)
     extra = forward_memory({k: (lambda m=m: m(prompt)) for k, (m, *_) in built.items()})
+    rss = {k: cpu_memory(k) for k in built} if args.device == "cpu" else {}
     rows = []
     for name, (m, build_s, size, notes) in built.items():
         ppl = perplexity(m, windows, args.batch_size, args.device, progress=False)
@@ -264,7 +275,7 @@ def llm_bench(args):
                          linears_prefill_ms=round(linears[name] * 1e3, 2),
                          speedup_linears_prefill=round(linears["float"] / linears[name], 3),
                          speedup_decode=round(decode["float"] / decode[name], 3), seq_len=args.seq_len,
-                         peak_forward_mb=extra.get(name), notes=notes, **machine(args)))
+                         peak_forward_mb=extra.get(name), **rss.get(name, {}), notes=notes, **machine(args)))
         print(f"{name:32s} ppl {ppl:8.3f}  prefill {rows[-1]['prefill_tokens_per_s']:8.1f} tok/s  "
               f"linears {rows[-1]['linears_prefill_ms']:8.1f} ms  decode {rows[-1]['decode_tokens_per_s']:6.2f} tok/s")
     return rows
@@ -326,6 +337,39 @@ def forward_memory(fns: dict) -> dict:
     return out
 
 
+def _vm(key: str) -> float:
+    """A VmRSS / VmHWM line of /proc/self/status, in MB."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(key + ":"))
+    return round(int(line.split()[1]) / 1024, 1)
+
+
+def memory_child(model, variants, name, forward):
+    """In a process of its own: build `name` from the float model, free what the float model held,
+    then print the resident memory and the peak during one forward (as JSON, for cpu_memory)."""
+    if name != "float":
+        model = variants[name][1](model)[0]  # every build works in place: no float copy stays behind
+    gc.collect()
+    rss = _vm("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM, the peak resident memory, to the current resident memory
+    with torch.no_grad():
+        forward(model)
+    print(json.dumps(dict(rss_mb=rss, peak_rss_mb=_vm("VmHWM"))))
+    return []
+
+
+def cpu_memory(variant: str) -> dict:
+    """{rss_mb, peak_rss_mb} of `variant`, from a fresh process running this script with the same
+    arguments and --memory_of: inside one process every variant's weights are resident at once."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        return {}
+    args = [a for a in sys.argv[1:]]
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), *args, "--memory_of", variant],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def machine(args):
     """The run's machine and code, read once when the run starts."""
     if not hasattr(args, "machine"):
@@ -352,6 +396,7 @@ def main():
     ap.add_argument("--batch_size", type=int, default=4)
     ap.add_argument("--int4_group", type=int, default=64, help="group size of the int4 variant (default: 64)")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--memory_of", default=None, help=argparse.SUPPRESS)  # (the per-variant memory process)
     ap.add_argument("--only", nargs="+", default=None,
                     help="run only the variants whose name contains one of these strings (float always runs)")
     args = ap.parse_args()
@@ -362,6 +407,8 @@ def main():
     ON_CUDA = args.device == "cuda"
     machine(args)
     rows = mlp_bench(args) if args.which == "mlp" else llm_bench(args)
+    if args.memory_of:
+        return
     path = os.path.join(args.results_dir, f"bench_{args.which}.csv")
     append_rows(path, rows)
     import pandas as pd

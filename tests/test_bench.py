@@ -21,6 +21,8 @@ def test_llm_bench_writes_rows_against_float_of_the_same_run(tmp_path, shared):
     f = df.set_index("variant")
     assert f.loc["float", "speedup_prefill"] == 1.0 and f.loc["float", "speedup_linears_prefill"] == 1.0
     assert (f.linears_prefill_ms > 0).all() and (f.prefill_tokens_per_s > 0).all()
+    # memory from a process per variant: resident with the weights loaded, and the forward's peak above it
+    assert (f.rss_mb > 100).all() and (f.peak_rss_mb >= f.rss_mb).all()
     # the int8 weights take about a quarter of the float weights' bytes (embeddings stay float)
     assert f.loc["ours int8 dynamic (W8A8)", "state_bytes"] < f.loc["float", "state_bytes"]
     # weight-only int8 with a GEMM on the codes for prefill-sized inputs: perplexity within 1 %
