@@ -28,6 +28,7 @@ speedups are against the float model of the same run.
 """
 import argparse
 import copy
+import ctypes
 import gc
 import json
 import os
@@ -350,6 +351,10 @@ def memory_child(model, variants, name, forward):
     if name != "float":
         model = variants[name][1](model)[0]  # every build works in place: no float copy stays behind
     gc.collect()
+    try:  # hand the freed heap back to the OS, or the float weights' pages would still count
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     rss = _vm("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM, the peak resident memory, to the current resident memory
