@@ -126,7 +126,8 @@ def test_awq_fold_keeps_float_function(source, shared):
     blocks = decoder_blocks(model)
     inputs = first_block_inputs(model, blocks, batches, "cpu")
     block = blocks[0]
-    ref = [run_block(block, *inp) for inp in inputs]
+    with torch.no_grad():
+        ref = [run_block(block, *inp) for inp in inputs]
     eight = QScheme(8, granularity="channel")
     awq_block(block, inputs, lambda n, m: eight)  # 8-bit: the rounding is tiny next to any folding mistake
     assert block_error(block, inputs, ref) < 1e-3 * sum(float(r.pow(2).mean()) for r in ref)
