@@ -369,8 +369,7 @@ def cpu_memory(variant: str) -> dict:
     arguments and --memory_of: inside one process every variant's weights are resident at once."""
     if not os.path.exists("/proc/self/clear_refs"):
         return {}
-    args = [a for a in sys.argv[1:]]
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), *args, "--memory_of", variant],
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--memory_of", variant],
                          capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 

@@ -64,8 +64,7 @@ class Int4WeightOnlyLinear(nn.Module):
         u = codes - s.qmin
         scale = q.weight_quant.scale.reshape(q.out_features, -1).float()
         zero = (8 + s.qmin - q.weight_quant.zero_point.reshape(q.out_features, -1).float()) * scale
-        self.cuda = q.weight.is_cuda
-        if self.cuda:
+        if q.weight.is_cuda:  # (the two kernels pack differently)
             packed_u8 = (u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8)
             self.register_buffer("weight_int4", torch._convert_weight_to_int4pack(packed_u8, inner_k_tiles))
         else:
@@ -77,7 +76,7 @@ class Int4WeightOnlyLinear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         # both kernels run in bfloat16: the CUDA one takes nothing else, the CPU one is 20-100x
         # slower in float32 (a scalar loop; measured here)
-        mm = torch._weight_int4pack_mm if self.cuda else torch._weight_int4pack_mm_for_cpu
+        mm = torch._weight_int4pack_mm if self.weight_int4.is_cuda else torch._weight_int4pack_mm_for_cpu
         y = mm(x2.bfloat16(), self.weight_int4, self.group_size, self.scales_and_zeros.bfloat16()).to(x.dtype)
         y = y.reshape(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
