@@ -1,7 +1,11 @@
 """What the experiment scripts share that is not quantization: flag types and the one-line
-error convention, YAML configs, data / model locations (local first, then the hub), device
-choice, and atomic CSV appends."""
+error convention, YAML configs, data / model locations (local first, then the hub) with their
+checksums, device choice, and results rows (appended atomically, shown as a table)."""
 import argparse
+import functools
+import gzip
+import hashlib
+import lzma
 import os
 import socket
 import sys
@@ -11,6 +15,8 @@ from urllib.parse import urlparse
 
 import pandas as pd
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
+REPO_DATA = os.path.join(ROOT, "data")  # the small real data the repository carries (data/README.md)
 DATA_ENV = "QUANT_DATA_DIR"    # where MNIST / WikiText-2 live when --data_dir is not given
 MODELS_ENV = "QUANT_MODELS_DIR"  # where local copies of hub models are looked for
 
@@ -20,7 +26,12 @@ class UsageError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (no usage block) and exit code 2."""
+    """argparse with a one-line error (no usage block), exit code 2, and no abbreviated flags
+    (`--calib 5` would otherwise silently mean `--calib_samples 5`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         sys.stderr.write(f"{self.prog}: error: {message}\n")
@@ -28,12 +39,16 @@ class Parser(argparse.ArgumentParser):
 
 
 def run(main, argv=None):
-    """Run a script's main, turning UsageError into a one-line message and exit code 2."""
+    """Run a script's main: bad input is one line and exit code 2; Ctrl-C is one line and exit
+    code 130 (every finished row is already in its CSV: rows are written as they finish)."""
     try:
         return main(argv)
     except UsageError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted: the rows finished so far are in their CSV files; nothing half-written\n")
+        sys.exit(130)
 
 
 # --- flag types: argparse names the flag in its message when these raise ---
@@ -98,10 +113,15 @@ def add_common_args(p, *, bits_default, calib_default):
 
 def load_config(path: str) -> dict:
     import yaml
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise UsageError(f"--config: no such file {path}")
-    with open(path) as f:
-        cfg = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" (line {where.line + 1})" if where is not None else ""
+        raise UsageError(f"--config: cannot read {path}{at}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(cfg, dict):
         raise UsageError(f"--config: {path} must hold a mapping of flag names to values")
     return cfg
@@ -133,8 +153,67 @@ def parse_with_config(parser: argparse.ArgumentParser, argv) -> argparse.Namespa
 
 # --- where things live ---
 
-def data_dir(arg: str | None) -> str:
-    return arg or os.environ.get(DATA_ENV) or "data"
+def data_folders(arg: str | None) -> list[str]:
+    """Where data files are looked for, in this order: --data_dir, $QUANT_DATA_DIR, the
+    repository's data/ (the hub comes after these, in the loaders)."""
+    return [d for d in (arg, os.environ.get(DATA_ENV), REPO_DATA) if d]
+
+
+@functools.cache
+def checksums() -> dict[str, str]:
+    """{name inside its dataset folder, e.g. 'mnist/t10k-labels-idx1-ubyte': sha256 of its content}."""
+    out = {}
+    with open(os.path.join(ROOT, "data", "SHA256SUMS")) as f:
+        for line in f:
+            if line.strip() and not line.startswith("#"):
+                digest, name = line.split()
+                out[name] = digest
+    return out
+
+
+def read_data(path: str, key: str) -> bytes:
+    """A data file's content (.gz / .xz decompressed), checked against data/SHA256SUMS under
+    `key` (files the repository does not list, such as wiki.train.raw, are not checked)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+        elif raw[:6] == b"\xfd7zXZ\x00":
+            raw = lzma.decompress(raw)
+    except (OSError, EOFError, gzip.BadGzipFile, lzma.LZMAError) as e:
+        raise UsageError(f"corrupt data file {path}: {e}") from None
+    verify(raw, path, key)
+    return raw
+
+
+def verify(content: bytes, path: str, key: str) -> None:
+    expected = checksums().get(key)
+    if expected is not None and hashlib.sha256(content).hexdigest() != expected:
+        raise UsageError(f"checksum mismatch for {path}: not the {key} this project was verified with "
+                         f"(truncated or altered?); restore it or delete it")
+
+
+def verify_folder(folder: str) -> None:
+    """Check every file of a model folder that the repository carries (data/stories260K, ...)."""
+    rel = os.path.relpath(os.path.abspath(folder), REPO_DATA)
+    for key in checksums():
+        if key.startswith(rel + "/"):
+            path = os.path.join(REPO_DATA, key)
+            if not os.path.isfile(path):
+                raise UsageError(f"{path} is missing from the repository's data (restore it with git checkout)")
+            with open(path, "rb") as f:
+                verify(f.read(), path, key)
+
+
+def check_writable(folder: str, flag: str) -> None:
+    """Fail now, not after an hour of work, when an output folder cannot be written (nothing is
+    created: the nearest existing folder on its path must be a writable directory)."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {folder}: not writable ({path} is {'not a folder' if not os.path.isdir(path) else 'read-only'})")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -189,11 +268,30 @@ def code_version() -> str:
     return commit + ("-dirty" if commit and dirty else "")
 
 
-def save_rows(results_dir: str, experiment: str, rows: list[dict]) -> str:
-    path = os.path.join(results_dir, f"{experiment}.csv")
-    append_rows(path, rows)
-    print(f"appended {len(rows)} rows to {path}")
-    return path
+class Results:
+    """The rows of one run: each appended to RESULTS_DIR/EXPERIMENT.csv the moment it is finished
+    (an interrupted run keeps them), and shown at the end as one table of `columns`."""
+
+    def __init__(self, results_dir: str, experiment: str, columns: list[str]):
+        check_writable(results_dir, "--results_dir")
+        self.path = os.path.join(results_dir, f"{experiment}.csv")
+        self.columns, self.rows = columns, []
+
+    def add(self, row: dict) -> dict:
+        append_rows(self.path, [row])
+        self.rows.append(row)
+        return row
+
+    def summary(self) -> str:
+        return summary_table(self.rows, self.columns) + f"\n({len(self.rows)} rows appended to {self.path})"
+
+
+def summary_table(rows: list[dict], columns: list[str]) -> str:
+    if not rows:
+        return "(no rows)"
+    df = pd.DataFrame(rows)
+    df = df[[c for c in columns if c in df.columns]]
+    return df.astype(object).where(df.notna(), "").to_string(index=False, float_format=lambda v: f"{v:.2f}")
 
 
 def append_rows(path: str, rows: list[dict]) -> None:

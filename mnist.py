@@ -1,6 +1,6 @@
-"""MNIST data (IDX files, local first; the `ylecun/mnist` hub dataset otherwise), the
+"""MNIST data (IDX files from --data_dir, $QUANT_DATA_DIR or the repository's data/, checksummed;
+the `ylecun/mnist` hub dataset otherwise), the
 784-128-10 MLP, its seeded FP32 training with checkpoint reuse, and batched evaluation."""
-import gzip
 import os
 import struct
 
@@ -10,31 +10,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from common import UsageError, data_dir, hub_reachable, positive_int
+from common import DATA_ENV, UsageError, data_folders, hub_reachable, positive_int, read_data
 
 MEAN, STD = 0.1307, 0.3081
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 
-def _find(folder: str, stem: str) -> str | None:
-    for sub in ("mnist", "MNIST/raw", ""):
-        for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
-            path = os.path.join(folder, sub, name)
-            if os.path.isfile(path):
-                return path
+def _find(stem: str, folder_arg: str | None) -> str | None:
+    for folder in data_folders(folder_arg):
+        for sub in ("mnist", "MNIST/raw", ""):
+            for name in (stem, stem.replace("-idx", ".idx")):
+                for ext in ("", ".gz", ".xz"):
+                    path = os.path.join(folder, sub, name + ext)
+                    if os.path.isfile(path):
+                        return path
     return None
 
 
-def read_idx(path: str, magic: int) -> np.ndarray:
-    """Read an IDX file (gzipped or not), checking its magic number and its length."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise UsageError(f"corrupt MNIST file {path}: {e}") from None
+def read_idx(path: str, magic: int, key: str) -> np.ndarray:
+    """Read an IDX file (plain, .gz or .xz), checking its checksum, magic number and length."""
+    raw = read_data(path, key)
     ndim = magic - 2048
     if len(raw) < 4 + 4 * ndim:
         raise UsageError(f"corrupt MNIST file {path}: only {len(raw)} bytes, too short for an IDX header")
@@ -51,24 +47,34 @@ def _normalize(images: np.ndarray) -> torch.Tensor:
     return (torch.from_numpy(images.astype(np.float32)).reshape(len(images), -1) / 255.0 - MEAN) / STD
 
 
+def mnist_paths(folder: str | None) -> dict:
+    """{'train': (images path, labels path), 'test': ...}: the first folder of data_folders that
+    holds each file. Raises a one-line error when a file is nowhere and the hub is unreachable;
+    returns None when the hub should be used."""
+    paths = {split: tuple(_find(stem, folder) for stem in stems) for split, stems in FILES.items()}
+    if all(p is not None for ps in paths.values() for p in ps):
+        return paths
+    missing = [stem for ps, stems in zip(paths.values(), FILES.values()) for p, stem in zip(ps, stems) if p is None]
+    if not hub_reachable():
+        raise UsageError(
+            f"MNIST not found (missing {', '.join(missing)} in {', '.join(map(os.path.abspath, data_folders(folder)))}) "
+            f"and the Hugging Face hub is unreachable. The repository carries it in data/mnist/ (git checkout data), "
+            f"or point --data_dir / ${DATA_ENV} at a folder holding the four IDX files (.gz or not).")
+    return None
+
+
 def load_mnist(folder: str | None):
     """{'train': (x, y), 'test': (x, y)}: x float (N, 784) normalized, y int64 (N,)."""
-    folder = data_dir(folder)
-    paths = {split: tuple(_find(folder, stem) for stem in stems) for split, stems in FILES.items()}
-    if all(p is not None for ps in paths.values() for p in ps):
+    paths = mnist_paths(folder)
+    if paths is not None:
         out = {}
         for split, (img_path, lbl_path) in paths.items():
-            images, labels = read_idx(img_path, 2051), read_idx(lbl_path, 2049)
+            img_stem, lbl_stem = FILES[split]
+            images, labels = read_idx(img_path, 2051, f"mnist/{img_stem}"), read_idx(lbl_path, 2049, f"mnist/{lbl_stem}")
             if len(images) != len(labels):
                 raise UsageError(f"MNIST {split}: {len(images)} images in {img_path} but {len(labels)} labels in {lbl_path}")
             out[split] = (_normalize(images), torch.from_numpy(labels.astype(np.int64)))
         return out
-    missing = [stem for ps, stems in zip(paths.values(), FILES.values()) for p, stem in zip(ps, stems) if p is None]
-    if not hub_reachable():
-        raise UsageError(
-            f"MNIST not found in {os.path.abspath(folder)} (missing {', '.join(missing)}) and the Hugging Face hub "
-            f"is unreachable. Put the four IDX files (.gz or not) in {os.path.join(os.path.abspath(folder), 'mnist')} "
-            f"or point --data_dir / $QUANT_DATA_DIR at their folder.")
     from datasets import load_dataset
     ds = load_dataset("ylecun/mnist")
     return {split: (_normalize(np.stack([np.array(im) for im in ds[split]["image"]])),

@@ -26,9 +26,11 @@ import time
 
 import torch
 
-from common import (Parser, UsageError, add_common_args, bits_type, code_version, parse_with_config, percentile_type,
-                    pick_device, positive_float, positive_int, run, save_rows, timestamp, unit_float)
-from llm import calib_windows, context_length, eval_windows, load_config, load_model, perplexity, tokenize, wikitext_text
+from common import (Parser, Results, UsageError, add_common_args, bits_type, check_writable, code_version,
+                    parse_with_config, percentile_type, pick_device, positive_float, positive_int, run, timestamp,
+                    unit_float)
+from llm import (calib_windows, context_length, eval_windows, load_config, load_model, load_tokenizer, perplexity,
+                 tokenize, wikitext_text)
 from quant import (QScheme, calibrate, float_size_bytes, quant_modules, quantize_linears, quantized_size_bytes,
                    save_quantized)
 from quant.gptq import gptq_block
@@ -167,6 +169,10 @@ def quantize(model, method, alpha, w_scheme, a_scheme, observer, calib, device, 
         quantize_linears(model, w_scheme, None, group_fallback=True, embeddings=True, w_observer=args.w_observer)
 
 
+SUMMARY = ["method", "w_bits", "a_bits", "act", "observer", "granularity", "group_size", "perplexity", "size_bytes",
+           "quant_seconds", "seconds"]
+
+
 def main(argv=None):
     args = parse_with_config(build_parser(), argv)
     if args.group_size < 0:
@@ -174,25 +180,27 @@ def main(argv=None):
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype]
 
-    # load model and data (the config first: bad settings fail before the weights load)
+    # everything that can fail before the weights load fails first: outputs, data, tokenizer, context
     t_load = time.time()
+    results = Results(args.results_dir, EXPERIMENT, SUMMARY)
+    if args.save_model:
+        check_writable(args.models_dir, "--models_dir")
     ctx = context_length(load_config(args.model_name, args.gguf_file))
     if ctx is not None and args.seq_len > ctx:
         raise UsageError(f"--seq_len {args.seq_len} exceeds the model's context length {ctx}")
-    if args.no_progress:
-        import transformers
-        transformers.utils.logging.disable_progress_bar()
-    model, tok = load_model(args.model_name, device, dtype, args.gguf_file, args.device_map)
-    test_ids = tokenize(tok, wikitext_text("test", args.data_dir))
+    test_text = wikitext_text("test", args.data_dir)
     calib_split = "train"
     calib_text = wikitext_text("train", args.data_dir)
     if calib_text is None:
         calib_split, calib_text = "validation", wikitext_text("validation", args.data_dir)
-        print("WikiText-2 train split not available locally: calibrating on the validation split")
-    if calib_text is None:
-        raise UsageError("neither the train nor the validation split of WikiText-2 is available for calibration")
+        print("WikiText-2 train split not available: calibrating on the validation split")
+    tok = load_tokenizer(args.model_name, args.gguf_file)
+    windows = eval_windows(tokenize(tok, test_text), args.seq_len, args.eval_samples)
     calib = calib_windows(tokenize(tok, calib_text), args.calib_samples, args.seq_len, args.seed)
-    windows = eval_windows(test_ids, args.seq_len, args.eval_samples)
+    if args.no_progress:
+        import transformers
+        transformers.utils.logging.disable_progress_bar()
+    model = load_model(args.model_name, device, dtype, args.gguf_file, args.device_map)
     eval_tokens = windows.numel()
     print(f"{args.model_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on {device}; "
           f"eval {len(windows)} windows x {args.seq_len} = {eval_tokens} tokens; calib {len(calib)} windows from {calib_split} "
@@ -203,12 +211,11 @@ def main(argv=None):
                 seq_len=args.seq_len, eval_tokens=eval_tokens, fp32_size_bytes=fp32_size, seed=args.seed, code=code_version(),
                 device=device, dtype=args.dtype)
 
-    rows, fp32_ppl = [], None
+    fp32_ppl = None
 
     def record(row):  # each row lands as soon as it exists: a later failure loses nothing
         row.update(peak_rss_mb=peak_rss_mb(), peak_gpu_mb=peak_gpu_mb(device), **base)
-        rows.append(row)
-        save_rows(args.results_dir, EXPERIMENT, [row])
+        results.add(row)
 
     if not args.skip_fp32:
         t0 = time.time()
@@ -224,7 +231,7 @@ def main(argv=None):
                 continue  # smoothing only helps quantized activations
             t0 = time.time()
             if args.device_map:
-                qmodel = load_model(args.model_name, device, dtype, args.gguf_file, args.device_map)[0]
+                qmodel = load_model(args.model_name, device, dtype, args.gguf_file, args.device_map)
             else:
                 qmodel = copy.deepcopy(model)
             w_scheme, a_scheme = weight_scheme(w_bits, args.group_size, not args.w_asym), act_scheme(act, args.a_bits)
@@ -254,7 +261,8 @@ def main(argv=None):
                 tok.save_pretrained(folder)
                 print(f"saved {folder}")
             del qmodel
-    return rows
+    print(results.summary())
+    return results.rows
 
 
 if __name__ == "__main__":

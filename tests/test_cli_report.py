@@ -8,6 +8,7 @@ import main as main_mod
 import report
 from common import append_rows
 from tests.conftest import ROOT
+from conftest import DATA
 
 
 def test_append_rows_keeps_old_rows_and_adds_columns(tmp_path):
@@ -32,7 +33,7 @@ def test_append_rows_failure_leaves_file_intact(tmp_path, monkeypatch):
     assert open(path).read() == before and os.listdir(tmp_path) == ["x.csv"]
 
 
-def test_config_runs_and_overrides(tmp_path, shared):
+def test_config_runs_and_overrides(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("experiment: ptq_nn\nbits: [8, 4]\nobservers: [minmax]\ngranularity: [channel]\n"
                    "runs:\n  - {}\n  - a_bits: none\n")
@@ -40,7 +41,7 @@ def test_config_runs_and_overrides(tmp_path, shared):
     assert experiment == "ptq_nn" and runs == [["--config", str(cfg)], ["--config", str(cfg), "--a_bits", "none"]]
     out = tmp_path / "out"
     main_mod.main(["--config", str(cfg), "--bits", "8", "--results_dir", str(out), "--models_dir", str(tmp_path / "m"),
-                   "--data_dir", os.path.join(shared, "data"), "--train_subset", "3000", "--test_subset", "500",
+                   "--data_dir", DATA, "--train_subset", "3000", "--test_subset", "500",
                    "--epochs", "1", "--no_progress", "--calib_samples", "100"])
     df = pd.read_csv(out / "ptq_nn.csv")
     q = df[df.method == "ptq"]

@@ -8,6 +8,7 @@ import torch.nn as nn
 from quant import QScheme, calibrate, quantize_linears
 from quant import float_size_bytes as weight_bytes
 from quant.kernels import Int4WeightOnlyLinear, Int8DynamicLinear, Int8StaticLinear, Int8WeightOnlyLinear, convert_to_int
+from conftest import DATA
 
 CASES = [
     (QScheme(8, granularity="channel"), None, Int8WeightOnlyLinear),
@@ -73,12 +74,12 @@ def test_int_weights_take_less_memory():
     assert weight_bytes(model) < 0.25 * float_bytes
 
 
-def test_stories260k_int8_dynamic_matches(shared):
+def test_stories260k_int8_dynamic_matches():
     """End to end, float rounding differences can flip a downstream activation's rounding by one
     step, so the model-level tolerance is looser than a layer's: 1 % mean relative error, and
     the same next-token prediction almost everywhere."""
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(os.path.join(shared, "models", "stories260K")).eval()
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(DATA, "stories260K")).eval()
     quantize_linears(model, QScheme(8, granularity="channel"), QScheme(8, granularity="token"), skip=("lm_head",))
     ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

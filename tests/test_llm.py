@@ -12,40 +12,41 @@ import ptq_llm
 from llm import eval_windows, hub_rows, load_quantized_model, perplexity, tokenize, wikitext_text
 from quant import QScheme, calibrate, quantize_linears, save_quantized
 from tests.conftest import ROOT
+from conftest import DATA
 
 
 @pytest.fixture(scope="module")
-def tiny_gpt2(tmp_path_factory, shared):
+def tiny_gpt2(tmp_path_factory):
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-gpt2")
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257))
     model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(os.path.join(shared, "models", "gpt2-tokenizer")).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(os.path.join(DATA, "gpt2-tokenizer")).save_pretrained(folder)
     return str(folder)
 
 
 @pytest.fixture(scope="module")
-def stories(shared):
-    return os.path.join(shared, "models", "stories260K")
+def stories():
+    return os.path.join(DATA, "stories260K")
 
 
-def args_for(model, shared, tmp_path, *extra):
-    return ["--model_name", model, "--data_dir", os.path.join(shared, "data"), "--results_dir", str(tmp_path / "results"),
+def args_for(model, tmp_path, *extra):
+    return ["--model_name", model, "--data_dir", DATA, "--results_dir", str(tmp_path / "results"),
             "--models_dir", str(tmp_path / "models"), "--no_progress", *extra]
 
 
-def test_wikitext_rebuild_matches_hub_token_count(shared):
+def test_wikitext_rebuild_matches_hub_token_count():
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(os.path.join(shared, "models", "gpt2-tokenizer"))
-    text = wikitext_text("test", os.path.join(shared, "data"))
+    tok = AutoTokenizer.from_pretrained(os.path.join(DATA, "gpt2-tokenizer"))
+    text = wikitext_text("test", DATA)
     assert len(tokenize(tok, text)) == 287_644
     assert hub_rows(" \n = Title = \n \n Body .\n") == ["", " = Title = \n", "", " Body .\n"]
-    assert wikitext_text("train", os.path.join(shared, "data")) is None  # not shipped offline
+    assert wikitext_text("train", DATA) is None  # not shipped offline
 
 
-def test_tiny_gpt2_conv1d_end_to_end(tiny_gpt2, shared, tmp_path):
-    rows = ptq_llm.main(args_for(tiny_gpt2, shared, tmp_path, "--seq_len", "64", "--eval_samples", "6",
+def test_tiny_gpt2_conv1d_end_to_end(tiny_gpt2, tmp_path):
+    rows = ptq_llm.main(args_for(tiny_gpt2, tmp_path, "--seq_len", "64", "--eval_samples", "6",
                                  "--calib_samples", "4", "--bits", "8", "4", "--group_size", "32"))
     df = pd.read_csv(tmp_path / "results" / "ptq_llm.csv")
     assert len(df) == len(rows) == 1 + 2 + 2
@@ -60,14 +61,14 @@ def test_tiny_gpt2_conv1d_end_to_end(tiny_gpt2, shared, tmp_path):
     assert set(q[(q.act == "none") & (q.w_bits == 4)].group_size) == {32}
 
 
-def test_stories260k_w8_within_1_percent_and_reload_bit_exact(stories, shared, tmp_path):
-    rows = ptq_llm.main(args_for(stories, shared, tmp_path, "--seq_len", "256", "--eval_samples", "40",
+def test_stories260k_w8_within_1_percent_and_reload_bit_exact(stories, tmp_path):
+    rows = ptq_llm.main(args_for(stories, tmp_path, "--seq_len", "256", "--eval_samples", "40",
                                  "--calib_samples", "8", "--bits", "8", "--act", "none", "--save_model"))
     fp32, w8 = rows[0]["perplexity"], rows[1]["perplexity"]
     assert abs(w8 - fp32) / fp32 < 0.01
     folder = os.path.join(tmp_path, "models", "ptq_llm", os.listdir(tmp_path / "models" / "ptq_llm")[0])
     model, tok = load_quantized_model(folder)
-    windows = eval_windows(tokenize(tok, wikitext_text("test", os.path.join(shared, "data"))), 256, 40)
+    windows = eval_windows(tokenize(tok, wikitext_text("test", DATA)), 256, 40)
     assert perplexity(model, windows, 4, "cpu", progress=False) == w8
 
 
@@ -105,8 +106,8 @@ def run_main(*args, cwd):
     (["--calib_samples", "0"], "--calib_samples"),
     (["--group_size", "-1"], "--group_size"),
 ])
-def test_bad_input(stories, shared, tmp_path, extra, needle):
-    r, _ = run_main("--model_name", stories, "--data_dir", os.path.join(shared, "data"),
+def test_bad_input(stories, tmp_path, extra, needle):
+    r, _ = run_main("--model_name", stories, "--data_dir", DATA,
                     "--results_dir", str(tmp_path / "r"), *extra, cwd=tmp_path)
     assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1

@@ -1,5 +1,6 @@
 """End-to-end runs of ptq_nn.py and qat_nn.py on a subset of the real MNIST files."""
 import gzip
+import lzma
 import os
 import subprocess
 import sys
@@ -12,18 +13,18 @@ import ptq_nn
 import qat_nn
 from common import UsageError
 from mnist import load_mnist, read_idx
-from tests.conftest import ROOT
+from tests.conftest import DATA, ROOT
 
 QUICK = ["--train_subset", "12000", "--test_subset", "2000", "--epochs", "3", "--no_progress", "--calib_samples", "256"]
 
 
-def quick_args(shared, tmp_path, *extra):
-    return ["--data_dir", os.path.join(shared, "data"), "--results_dir", str(tmp_path / "results"),
+def quick_args(tmp_path, *extra):
+    return ["--data_dir", DATA, "--results_dir", str(tmp_path / "results"),
             "--models_dir", str(tmp_path / "models"), *QUICK, *extra]
 
 
-def test_ptq_nn_end_to_end(shared, tmp_path):
-    rows = ptq_nn.main(quick_args(shared, tmp_path, "--bits", "8", "2", "--observers", "minmax", "entropy", "--save_model"))
+def test_ptq_nn_end_to_end(tmp_path):
+    rows = ptq_nn.main(quick_args(tmp_path, "--bits", "8", "2", "--observers", "minmax", "entropy", "--save_model"))
     df = pd.read_csv(tmp_path / "results" / "ptq_nn.csv")
     assert len(df) == len(rows) == 1 + 2 * 2 * 2
     for col in ["timestamp", "experiment", "method", "w_bits", "a_bits", "observer", "granularity", "calib_samples",
@@ -41,9 +42,9 @@ def test_ptq_nn_end_to_end(shared, tmp_path):
     assert len(saved) == 8 and all(os.path.exists(tmp_path / "models" / "ptq_nn" / s / "model.safetensors") for s in saved)
 
 
-def test_qat_nn_end_to_end_beats_ptq_at_2_bits(shared, tmp_path):
-    ptq_nn.main(quick_args(shared, tmp_path, "--bits", "8", "--observers", "minmax", "--save_model"))
-    rows = qat_nn.main(quick_args(shared, tmp_path, "--bits", "2", "--qat_epochs", "1"))
+def test_qat_nn_end_to_end_beats_ptq_at_2_bits(tmp_path):
+    ptq_nn.main(quick_args(tmp_path, "--bits", "8", "--observers", "minmax", "--save_model"))
+    rows = qat_nn.main(quick_args(tmp_path, "--bits", "2", "--qat_epochs", "1"))
     df = pd.read_csv(tmp_path / "results" / "qat_nn.csv")
     assert len(df) == len(rows) == 2
     q = df[df.method == "qat_ste"].iloc[0]
@@ -51,8 +52,8 @@ def test_qat_nn_end_to_end_beats_ptq_at_2_bits(shared, tmp_path):
     assert q.accuracy > q.ptq_accuracy and q.accuracy > q.fp32_accuracy - 1.5
 
 
-def test_checkpoint_reuse_and_determinism(shared, tmp_path, capsys):
-    args = quick_args(shared, tmp_path, "--bits", "4", "--observers", "mse", "--granularity", "channel")
+def test_checkpoint_reuse_and_determinism(tmp_path, capsys):
+    args = quick_args(tmp_path, "--bits", "4", "--observers", "mse", "--granularity", "channel")
     first = ptq_nn.main(args + ["--save_model"])
     assert "saved FP32 checkpoint" in capsys.readouterr().out
     second = ptq_nn.main(args)
@@ -64,27 +65,56 @@ def test_checkpoint_reuse_and_determinism(shared, tmp_path, capsys):
     assert len(df) == 6  # appended three times, nothing clobbered
 
 
-def test_corrupt_idx_files(shared, tmp_path):
-    src = os.path.join(shared, "data", "mnist", "t10k-labels-idx1-ubyte.gz")
-    raw = gzip.decompress(open(src, "rb").read())
+def test_corrupt_idx_files(tmp_path):
+    src = os.path.join(DATA, "mnist", "t10k-labels-idx1-ubyte.xz")
+    key = "mnist/t10k-labels-idx1-ubyte"
+    raw = lzma.decompress(open(src, "rb").read())
+    assert read_idx(src, 2049, key).shape == (10000,)
+    # the repository's files are checksummed: a truncated or altered file is a one-line error
     truncated = tmp_path / "t10k-labels-idx1-ubyte"
     truncated.write_bytes(raw[:-10])
+    with pytest.raises(UsageError, match="checksum mismatch for .*t10k-labels-idx1-ubyte") as e:
+        read_idx(str(truncated), 2049, key)
+    assert "\n" not in str(e.value)
+    altered = tmp_path / "altered.gz"
+    altered.write_bytes(gzip.compress(raw[:100] + bytes([raw[100] ^ 1]) + raw[101:]))
+    with pytest.raises(UsageError, match="checksum mismatch"):
+        read_idx(str(altered), 2049, key)
+    intact = tmp_path / "intact.gz"
+    intact.write_bytes(gzip.compress(raw))
+    assert read_idx(str(intact), 2049, key).shape == (10000,)  # the content is checked, not the archive
+    # files outside the checksum list still get the IDX header and length checks
     with pytest.raises(UsageError, match="truncated.*t10k-labels"):
-        read_idx(str(truncated), 2049)
+        read_idx(str(truncated), 2049, "mnist/unlisted")
     bad_magic = tmp_path / "bad-idx1-ubyte"
     bad_magic.write_bytes(b"\x00\x00\x08\x03" + raw[4:])
     with pytest.raises(UsageError, match="magic number 2051, expected 2049"):
-        read_idx(str(bad_magic), 2049)
-    bad_gz = tmp_path / "broken.gz"
-    bad_gz.write_bytes(open(src, "rb").read()[:100])
-    with pytest.raises(UsageError, match="corrupt MNIST file .*broken.gz"):
-        read_idx(str(bad_gz), 2049)
-    assert read_idx(src, 2049).shape == (10000,)
+        read_idx(str(bad_magic), 2049, "mnist/unlisted")
+    bad_xz = tmp_path / "broken.xz"
+    bad_xz.write_bytes(open(src, "rb").read()[:100])
+    with pytest.raises(UsageError, match="corrupt data file .*broken.xz"):
+        read_idx(str(bad_xz), 2049, key)
 
 
-def test_missing_data_fails_fast_with_location(tmp_path):
+def test_data_lookup_order(tmp_path, monkeypatch):
+    """--data_dir, then $QUANT_DATA_DIR, then the repository's data/: the first that holds a file wins."""
+    from mnist import mnist_paths
+    assert mnist_paths(None)["test"][1].startswith(DATA)
+    env, flag = tmp_path / "env" / "mnist", tmp_path / "flag" / "mnist"
+    env.mkdir(parents=True), flag.mkdir(parents=True)
+    for folder in (env, flag):
+        (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(b"")
+    monkeypatch.setenv("QUANT_DATA_DIR", str(tmp_path / "env"))
+    paths = mnist_paths(str(tmp_path / "flag"))
+    assert paths["test"][1].startswith(str(flag)) and paths["test"][0].startswith(DATA)
+    assert mnist_paths(None)["test"][1].startswith(str(env))
+
+
+def test_missing_data_fails_fast_with_location(tmp_path, monkeypatch):
+    import common
+    monkeypatch.setattr(common, "REPO_DATA", str(tmp_path / "no-data"))
     t0 = time.time()
-    with pytest.raises(UsageError, match=f"MNIST not found in {tmp_path}.*Put the four IDX files"):
+    with pytest.raises(UsageError, match=f"MNIST not found .*{tmp_path}.*hub is unreachable.*--data_dir"):
         load_mnist(str(tmp_path))
     assert time.time() - t0 < 5
 
