@@ -244,6 +244,37 @@ def pick_device(requested: str | None = None) -> str:
     return "cpu"
 
 
+# --- artefacts and environment ---
+
+def settings_id(settings: dict) -> str:
+    """A short stable hash of the settings that made an artefact (canonical JSON)."""
+    import hashlib
+    import json
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:10]
+
+
+def environment(device: str = "cpu") -> dict:
+    """What a row's numbers depend on beyond the code: library versions, the processor, threads."""
+    import platform
+
+    import numpy
+    import torch
+    try:
+        import transformers
+        tf_version = transformers.__version__
+    except ImportError:
+        tf_version = ""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name() if str(device).startswith("cuda") and torch.cuda.is_available() else ""
+    return dict(torch=torch.__version__, transformers=tf_version, numpy=numpy.__version__, cpu=cpu, gpu=gpu,
+                threads=torch.get_num_threads())
+
+
 # --- results ---
 
 def timestamp() -> str:

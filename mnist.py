@@ -1,6 +1,7 @@
 """MNIST data (IDX files from --data_dir, $QUANT_DATA_DIR or the repository's data/, checksummed;
-the `ylecun/mnist` hub dataset otherwise), the
-784-128-10 MLP, its seeded FP32 training with checkpoint reuse, and batched evaluation."""
+the `ylecun/mnist` hub dataset otherwise), the 784-128-10 MLP, its seeded FP32 training with
+checkpoint reuse (only of a checkpoint trained with the same settings), and batched evaluation."""
+import json
 import os
 import struct
 
@@ -10,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from common import DATA_ENV, UsageError, data_folders, hub_reachable, positive_int, read_data
+from common import DATA_ENV, UsageError, data_folders, hub_reachable, positive_int, read_data, settings_id
 
 MEAN, STD = 0.1307, 0.3081
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -122,10 +123,22 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: f
     return model
 
 
+def fp32_settings(args) -> dict:
+    """Everything that decides the trained FP32 weights (the checkpoint's name hashes it)."""
+    return dict(arch="mlp-784-128-10", epochs=args.epochs, lr=1e-3, batch_size=128, train_subset=args.train_subset,
+                seed=args.seed)
+
+
+def fp32_checkpoint(models_dir: str, settings: dict) -> str:
+    return os.path.join(models_dir, f"mnist_mlp_fp32_{settings_id(settings)}.pt")
+
+
 def fp32_model(data, args) -> MLP:
-    """The trained FP32 MLP: reused from models/ when a checkpoint exists (unless --retrain),
-    else trained (seeded) and, with --save_model, saved there."""
-    path = os.path.join(args.models_dir, f"mnist_mlp_fp32_seed{args.seed}.pt")
+    """The trained FP32 MLP: reused from models/ when a checkpoint made by the same training
+    settings exists (unless --retrain), else trained (seeded) and, with --save_model, saved there
+    with its settings beside it."""
+    settings = fp32_settings(args)
+    path = fp32_checkpoint(args.models_dir, settings)
     torch.manual_seed(args.seed)
     model = MLP()
     if os.path.exists(path) and not args.retrain:
@@ -133,11 +146,14 @@ def fp32_model(data, args) -> MLP:
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         except Exception as e:
             raise UsageError(f"cannot load FP32 checkpoint {path} ({e}); delete it or pass --retrain") from None
-        print(f"reusing FP32 checkpoint {path} (pass --retrain to train again)")
+        print(f"reusing FP32 checkpoint {path}, trained with the same settings (pass --retrain to train again)")
         return model.eval()
-    train(model, *data["train"], epochs=args.epochs, lr=1e-3, seed=args.seed, desc="fp32", progress=not args.no_progress)
+    train(model, *data["train"], epochs=args.epochs, lr=settings["lr"], seed=args.seed, batch_size=settings["batch_size"],
+          desc="fp32", progress=not args.no_progress)
     if args.save_model:
         os.makedirs(args.models_dir, exist_ok=True)
+        with open(path[:-3] + ".json", "w") as f:
+            json.dump(settings, f, indent=1)
         tmp = path + ".tmp"
         torch.save(model.state_dict(), tmp)
         os.replace(tmp, path)

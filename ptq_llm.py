@@ -26,17 +26,12 @@ import time
 
 import torch
 
-from common import (Parser, Results, UsageError, add_common_args, bits_type, check_writable, code_version,
+from common import (Parser, Results, UsageError, add_common_args, bits_type, check_writable, code_version, environment, settings_id,
                     parse_with_config, percentile_type, pick_device, positive_float, positive_int, run, timestamp,
                     unit_float)
 from llm import (calib_windows, context_length, eval_windows, load_config, load_model, load_tokenizer, perplexity,
                  tokenize, wikitext_text)
-from quant import (QScheme, calibrate, float_size_bytes, quant_modules, quantize_linears, quantized_size_bytes,
-                   save_quantized)
-from quant.gptq import gptq_block
-from quant.modules import layer_scheme
-from quant.sequential import run_block, sequential_quantize
-from quant.smoothing import awq_block, smooth_block, weight_matrix
+from quant import QScheme, Recipe, float_size_bytes, quant_modules, quantize_model, quantized_size_bytes, save_quantized
 
 EXPERIMENT = "ptq_llm"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -115,10 +110,23 @@ def variants(methods, args) -> list:
     return [(m, a) for m in methods for a in (args.sq_alpha if m == "smoothquant" else [None])]
 
 
-def method_args(method, alpha, args) -> str:
-    return {"rtn": "", "gptq": f"block={args.gptq_block_size} damp={args.gptq_damp} act_order={args.act_order}"
-                               + (" mse" if args.w_observer == "mse" else ""),
-            "awq": f"grid={args.awq_grid} tokens={args.awq_tokens}", "smoothquant": f"alpha={alpha}"}[method]
+def recipe_for(method, alpha, w_bits, act, observer, args) -> Recipe:
+    """The Recipe of one configuration, from the flags."""
+    method_args = {"gptq": dict(block_size=args.gptq_block_size, damp=args.gptq_damp, act_order=args.act_order),
+                   "awq": dict(grid=args.awq_grid, tokens=args.awq_tokens), "smoothquant": dict(alpha=alpha)}.get(method, {})
+    return Recipe(weight=weight_scheme(w_bits, args.group_size, not args.w_asym), method=method, method_args=method_args,
+                  w_observer="minmax" if method == "awq" else args.w_observer,  # AWQ runs its own clip search
+                  activation=act_scheme(act, args.a_bits), a_observer=observer or None,
+                  a_observer_args={"percentile": args.percentile} if observer == "percentile" else {},
+                  embeddings=args.quantize_embeddings)
+
+
+def method_args(recipe: Recipe) -> str:
+    """The short form of the method's arguments that the tables show (the same text as before recipes)."""
+    a = recipe.args
+    return {"rtn": "", "gptq": f"block={a.get('block_size')} damp={a.get('damp')} act_order={a.get('act_order')}"
+                               + (" mse" if recipe.w_observer == "mse" else ""),
+            "awq": f"grid={a.get('grid')} tokens={a.get('tokens')}", "smoothquant": f"alpha={a.get('alpha')}"}[recipe.method]
 
 
 def peak_rss_mb() -> float:
@@ -132,41 +140,6 @@ def peak_rss_mb() -> float:
 def peak_gpu_mb(device: str):
     """Peak CUDA memory allocated by this process so far (MB), None off CUDA."""
     return round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.startswith("cuda") else None
-
-
-def quantize(model, method, alpha, w_scheme, a_scheme, observer, calib, device, args) -> None:
-    """Quantize `model` in place with one method. lm_head and embeddings stay float unless
-    --quantize_embeddings (then round-to-nearest, weight-only for the block-by-block methods)."""
-    progress = not args.no_progress
-    obs_kw = {"percentile": args.percentile} if observer == "percentile" else {}
-    batches = calib.split(args.batch_size)
-    if method == "rtn":
-        skip = () if args.quantize_embeddings else ("lm_head",)
-        quantize_linears(model, w_scheme, a_scheme, skip=skip, group_fallback=True,
-                         embeddings=args.quantize_embeddings, w_observer=args.w_observer)
-        if a_scheme is not None and not a_scheme.dynamic:
-            calibrate(model, batches, observer=observer, forward=lambda m, b: m(b.to(device)),
-                      desc=f"calibrate {observer}", progress=progress, **obs_kw)
-        return
-
-    def scheme_for(name, module):
-        return layer_scheme(w_scheme, weight_matrix(module).shape[1])
-
-    def process(index, block, inputs):
-        if method == "gptq":
-            gptq_block(block, inputs, scheme_for, a_scheme, block_size=args.gptq_block_size, percdamp=args.gptq_damp,
-                       act_order=args.act_order, mse=args.w_observer == "mse")
-        elif method == "awq":
-            awq_block(block, inputs, scheme_for, a_scheme, n_grid=args.awq_grid, max_rows=args.awq_tokens)
-        else:  # smoothquant: fold the smoothing scales, then round to nearest
-            smooth_block(block, inputs, alpha)
-            quantize_linears(block, w_scheme, a_scheme, group_fallback=True, w_observer=args.w_observer)
-        if a_scheme is not None and not a_scheme.dynamic:  # static scales from this block's real inputs
-            calibrate(block, inputs, observer=observer, forward=lambda m, inp: run_block(m, *inp), progress=False, **obs_kw)
-
-    sequential_quantize(model, batches, device, process, progress=progress, desc=f"{method} blocks")
-    if args.quantize_embeddings:
-        quantize_linears(model, w_scheme, None, group_fallback=True, embeddings=True, w_observer=args.w_observer)
 
 
 SUMMARY = ["method", "w_bits", "a_bits", "act", "observer", "granularity", "group_size", "perplexity", "size_bytes",
@@ -209,7 +182,7 @@ def main(argv=None):
     progress = not args.no_progress
     base = dict(experiment=EXPERIMENT, model=args.model_name, calib_samples=args.calib_samples, calib_split=calib_split,
                 seq_len=args.seq_len, eval_tokens=eval_tokens, fp32_size_bytes=fp32_size, seed=args.seed, code=code_version(),
-                device=device, dtype=args.dtype)
+                device=device, dtype=args.dtype, quantize_embeddings=args.quantize_embeddings, **environment(device))
 
     fp32_ppl = None
 
@@ -222,7 +195,7 @@ def main(argv=None):
         fp32_ppl = perplexity(model, windows, args.batch_size, device, progress, desc="eval fp32")
         record(dict(timestamp=timestamp(), method="fp32", w_bits=32, a_bits=32, act="none", observer="", w_observer="",
                     granularity="", group_size=None, perplexity=fp32_ppl, fp32_perplexity=fp32_ppl, size_bytes=fp32_size,
-                    seconds=round(time.time() - t0, 2), notes=""))
+                    seconds=round(time.time() - t0, 2), notes="", recipe="", recipe_id="fp32"))
         print(f"FP32 perplexity {fp32_ppl:.3f}  ({fp32_size} bytes)")
 
     for method, alpha in variants(args.method, args):
@@ -234,32 +207,41 @@ def main(argv=None):
                 qmodel = load_model(args.model_name, device, dtype, args.gguf_file, args.device_map)
             else:
                 qmodel = copy.deepcopy(model)
-            w_scheme, a_scheme = weight_scheme(w_bits, args.group_size, not args.w_asym), act_scheme(act, args.a_bits)
-            quantize(qmodel, method, alpha, w_scheme, a_scheme, observer, calib, device, args)
+            try:
+                recipe = recipe_for(method, alpha, w_bits, act, observer, args)
+                quantize_model(qmodel, recipe, calib.split(args.batch_size), progress=progress)
+            except ValueError as e:  # a recipe that cannot apply to this model: bad input, not a crash
+                raise UsageError(f"{args.model_name}: {e}") from None
+            w_scheme = recipe.weight
             schemes = {n: m.weight_quant.scheme for n, m in quant_modules(qmodel).items()}
-            if not schemes:
-                raise UsageError(f"no linear layers to quantize in {args.model_name}")
             fallback = [n for n, sch in schemes.items() if sch.granularity != w_scheme.granularity]
             notes = f"per-channel for {len(fallback)} layers with inputs < group {args.group_size}" if fallback else ""
             t_quant = time.time() - t0
             ppl = perplexity(qmodel, windows, args.batch_size, device, progress, desc=f"eval {method} W{w_bits} {act}")
             size = quantized_size_bytes(qmodel)
-            label = f"{method} W{w_bits}" + (f"A{args.a_bits} {act}" if act != "none" else "") + f" {w_scheme.describe()}" \
-                + (f" {observer}" if observer else "") + (f" alpha={alpha}" if alpha is not None else "")
+            label = recipe.describe()
             record(dict(timestamp=timestamp(), method=method, w_bits=w_bits, a_bits=args.a_bits if act != "none" else 32,
-                        act=act, observer=observer, w_observer=args.w_observer, granularity=w_scheme.granularity,
+                        act=act, observer=observer, w_observer=recipe.w_observer, granularity=w_scheme.granularity,
                         w_symmetric=w_scheme.symmetric, group_size=w_scheme.group_size, perplexity=ppl,
                         fp32_perplexity=fp32_ppl, size_bytes=size, quant_seconds=round(t_quant, 2),
-                        seconds=round(time.time() - t0, 2), notes=notes, method_args=method_args(method, alpha, args)))
+                        seconds=round(time.time() - t0, 2), notes=notes, method_args=method_args(recipe),
+                        recipe=recipe.to_json(), recipe_id=recipe.id))
             print(f"{label:44s} perplexity {ppl:.3f}  size {size} bytes ({size / fp32_size:.1%} of float)  "
                   f"quantize {t_quant:.1f}s" + (f"  [{notes}]" if notes else ""))
             if args.save_model:
-                tag = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{os.path.basename(args.model_name.rstrip('/'))}_{label}").strip("_")
-                folder = save_quantized(qmodel, os.path.join(args.models_dir, EXPERIMENT, tag),
-                                        extra={"perplexity": ppl, "model_name": args.model_name, "seq_len": args.seq_len})
-                qmodel.config.save_pretrained(folder)
-                tok.save_pretrained(folder)
-                print(f"saved {folder}")
+                # named by everything that made it: the same name is the same model, never another one
+                made_by = dict(model=args.model_name, recipe_id=recipe.id, calib_samples=args.calib_samples,
+                               calib_split=calib_split, seq_len=args.seq_len, seed=args.seed, dtype=args.dtype)
+                tag = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{os.path.basename(args.model_name.rstrip('/'))}_{method}_W{w_bits}"
+                             f"_{act}_{settings_id(made_by)}").strip("_")
+                folder = os.path.join(args.models_dir, EXPERIMENT, tag)
+                if os.path.exists(os.path.join(folder, "quant_config.json")):
+                    print(f"kept {folder}: made by the same model, recipe and calibration")
+                else:
+                    save_quantized(qmodel, folder, extra={"perplexity": ppl, "made_by": made_by, "recipe": recipe.to_dict()})
+                    qmodel.config.save_pretrained(folder)
+                    tok.save_pretrained(folder)
+                    print(f"saved {folder}")
             del qmodel
     print(results.summary())
     return results.rows

@@ -14,10 +14,10 @@ import time
 
 import torch
 
-from common import (Parser, Results, UsageError, add_common_args, check_writable, code_version, parse_with_config,
-                    percentile_type, run, timestamp)
-from mnist import accuracy, add_mnist_args, fp32_model, load_mnist
-from quant import OBSERVERS, QScheme, calibrate, float_size_bytes, quantize_linears, quantized_size_bytes, save_quantized
+from common import (Parser, Results, UsageError, add_common_args, check_writable, code_version, environment,
+                    parse_with_config, percentile_type, run, settings_id, timestamp)
+from mnist import accuracy, add_mnist_args, fp32_model, fp32_settings, load_mnist
+from quant import OBSERVERS, QScheme, Recipe, float_size_bytes, quantize_model, quantized_size_bytes, save_quantized
 
 EXPERIMENT = "ptq_nn"
 SUMMARY = ["method", "w_bits", "a_bits", "granularity", "observer", "w_observer", "accuracy", "size_bytes", "seconds"]
@@ -65,15 +65,17 @@ def calib_batches(x, n, seed, batch_size=256):
     return [x[idx[i:i + batch_size]] for i in range(0, n, batch_size)]
 
 
-def ptq(model, w_scheme, a_scheme, batches, observer, w_observer, percentile, progress=True):
+def recipe_for(w_scheme, a_scheme, observer, args, method="rtn", method_args=None) -> Recipe:
+    pct = {"percentile": args.percentile}
+    return Recipe(weight=w_scheme, method=method, method_args=method_args or {}, w_observer=args.w_observer,
+                  w_observer_args=pct if args.w_observer == "percentile" else {}, activation=a_scheme,
+                  a_observer=observer if a_scheme is not None else None,
+                  a_observer_args=pct if a_scheme is not None and observer == "percentile" else {}, skip=())
+
+
+def ptq(model, recipe, batches, progress=True):
     """A quantized copy of `model`: weights quantized once, activation ranges calibrated."""
-    q = copy.deepcopy(model)
-    w_kw = {"percentile": percentile} if w_observer == "percentile" else {}
-    quantize_linears(q, w_scheme, a_scheme, w_observer=w_observer, **w_kw)
-    if a_scheme is not None:
-        a_kw = {"percentile": percentile} if observer == "percentile" else {}
-        calibrate(q, batches, observer=observer, desc=f"calibrate {observer}", progress=progress, **a_kw)
-    return q.eval()
+    return quantize_model(copy.deepcopy(model), recipe, batches, progress=progress).eval()
 
 
 def main(argv=None):
@@ -94,9 +96,12 @@ def main(argv=None):
     model = fp32_model(data, args)
     fp32_acc, fp32_size = accuracy(model, test_x, test_y), float_size_bytes(model)
     common = dict(experiment=EXPERIMENT, calib_samples=args.calib_samples, fp32_accuracy=fp32_acc,
-                  fp32_size_bytes=fp32_size, seed=args.seed, code=code_version(), test_images=len(test_x))
+                  fp32_size_bytes=fp32_size, code=code_version(), test_images=len(test_x),
+                  percentile=args.percentile, fp32_id=settings_id(fp32_settings(args)), **fp32_settings(args),
+                  **environment())
     results.add(dict(timestamp=timestamp(), method="fp32", w_bits=32, a_bits=32, observer="", w_observer="",
-                 granularity="", accuracy=fp32_acc, size_bytes=fp32_size, seconds=round(time.time() - t0, 2), **common))
+                 granularity="", accuracy=fp32_acc, size_bytes=fp32_size, seconds=round(time.time() - t0, 2), recipe="",
+                 recipe_id="fp32", **common))
     print(f"FP32 test accuracy {fp32_acc:.2f}% ({len(test_x)} images), {fp32_size} bytes")
 
     configs = [(b, g, o) for b in args.bits for g in args.granularity
@@ -104,15 +109,20 @@ def main(argv=None):
     for bits, gran, observer in configs:
         t0 = time.time()
         w_scheme, a_scheme, a_bits = schemes(bits, args.a_bits, gran)
-        q = ptq(model, w_scheme, a_scheme, batches, observer, args.w_observer, args.percentile, not args.no_progress)
+        recipe = recipe_for(w_scheme, a_scheme, observer, args)
+        q = ptq(model, recipe, batches, not args.no_progress)
         acc, size = accuracy(q, test_x, test_y), quantized_size_bytes(q)
         results.add(dict(timestamp=timestamp(), method="ptq", w_bits=bits, a_bits=32 if a_bits == "none" else a_bits,
                          observer="" if observer == "none" else observer, w_observer=args.w_observer, granularity=gran,
-                         accuracy=acc, size_bytes=size, seconds=round(time.time() - t0, 2), **common))
+                         accuracy=acc, size_bytes=size, seconds=round(time.time() - t0, 2), recipe=recipe.to_json(),
+                         recipe_id=recipe.id, **common))
         print(f"PTQ W{bits}A{a_bits} {gran:7s} {observer:10s} accuracy {acc:6.2f}%  size {size} bytes")
         if args.save_model:
-            save_quantized(q, os.path.join(args.models_dir, EXPERIMENT, f"w{bits}a{a_bits}_{gran}_{observer}_seed{args.seed}"),
-                           extra={"accuracy": acc, "arch": "mnist_mlp"})
+            made_by = dict(recipe_id=recipe.id, fp32=fp32_settings(args), calib_samples=args.calib_samples, seed=args.seed)
+            folder = os.path.join(args.models_dir, EXPERIMENT, f"w{bits}a{a_bits}_{gran}_{observer}_{settings_id(made_by)}")
+            if not os.path.exists(os.path.join(folder, "quant_config.json")):  # same name: made by the same settings
+                save_quantized(q, folder, extra={"accuracy": acc, "arch": "mnist_mlp", "made_by": made_by,
+                                                 "recipe": recipe.to_dict()})
     print(results.summary())
     return results.rows
 

@@ -12,11 +12,11 @@ import copy
 import os
 import time
 
-from common import (Parser, Results, add_common_args, check_writable, code_version, parse_with_config, positive_float,
-                    positive_int, run, timestamp)
-from mnist import accuracy, add_mnist_args, fp32_model, load_mnist, train
-from ptq_nn import add_ptq_args, calib_batches, ptq, schemes
-from quant import calibrate, float_size_bytes, quant_modules, quantize_linears, quantized_size_bytes, save_quantized
+from common import (Parser, Results, add_common_args, check_writable, code_version, environment, parse_with_config,
+                    positive_float, positive_int, run, settings_id, timestamp)
+from mnist import accuracy, add_mnist_args, fp32_model, fp32_settings, load_mnist, train
+from ptq_nn import add_ptq_args, calib_batches, ptq, recipe_for, schemes
+from quant import float_size_bytes, quant_modules, quantize_model, quantized_size_bytes, save_quantized
 
 EXPERIMENT = "qat_nn"
 SUMMARY = ["method", "w_bits", "a_bits", "granularity", "observer", "accuracy", "ptq_accuracy", "size_bytes", "seconds"]
@@ -33,13 +33,11 @@ def build_parser(prog=None):
     return p
 
 
-def qat(model, w_scheme, a_scheme, batches, observer, data, args):
-    q = copy.deepcopy(model)
-    quantize_linears(q, w_scheme, a_scheme, w_observer=args.w_observer, qat=True, learnable=args.lsq)
-    if a_scheme is not None:
-        calibrate(q, batches, observer=observer, desc=f"calibrate {observer}", progress=not args.no_progress)
-    train(q, *data["train"], epochs=args.qat_epochs, lr=args.qat_lr, seed=args.seed + 1,
-          desc=f"qat {w_scheme.describe()}", progress=not args.no_progress)
+def qat(model, recipe, batches, data, args):
+    """Fine-tune a fake-quantized copy of `model` (the recipe's QAT mode, epochs and rate), then freeze it."""
+    q = quantize_model(copy.deepcopy(model), recipe, batches, progress=not args.no_progress)
+    train(q, *data["train"], epochs=recipe.args["epochs"], lr=recipe.args["lr"], seed=args.seed + 1,
+          desc=f"qat {recipe.weight.describe()}", progress=not args.no_progress)
     for m in quant_modules(q).values():
         m.freeze()
     return q.eval()
@@ -63,25 +61,33 @@ def main(argv=None):
     fp32_acc, fp32_size = accuracy(model, test_x, test_y), float_size_bytes(model)
     method = "qat_lsq" if args.lsq else "qat_ste"
     common = dict(experiment=EXPERIMENT, calib_samples=args.calib_samples, fp32_accuracy=fp32_acc,
-                  fp32_size_bytes=fp32_size, seed=args.seed, code=code_version(), test_images=len(test_x), qat_epochs=args.qat_epochs,
-                  qat_lr=args.qat_lr)
+                  fp32_size_bytes=fp32_size, code=code_version(), test_images=len(test_x), qat_epochs=args.qat_epochs,
+                  qat_lr=args.qat_lr, percentile=args.percentile, fp32_id=settings_id(fp32_settings(args)),
+                  **fp32_settings(args), **environment())
     results.add(dict(timestamp=timestamp(), method="fp32", w_bits=32, a_bits=32, observer="", w_observer="", granularity="",
-                 accuracy=fp32_acc, ptq_accuracy=None, size_bytes=fp32_size, seconds=round(time.time() - t0, 2), **common))
+                 accuracy=fp32_acc, ptq_accuracy=None, size_bytes=fp32_size, seconds=round(time.time() - t0, 2), recipe="",
+                 recipe_id="fp32", **common))
     print(f"FP32 test accuracy {fp32_acc:.2f}% ({len(test_x)} images)")
     for bits, gran, observer in [(b, g, o) for b in args.bits for g in args.granularity for o in args.observers]:
         w_scheme, a_scheme, a_bits = schemes(bits, args.a_bits, gran)
-        ptq_acc = accuracy(ptq(model, w_scheme, a_scheme, batches, observer, args.w_observer, args.percentile,
-                               not args.no_progress), test_x, test_y)
+        ptq_acc = accuracy(ptq(model, recipe_for(w_scheme, a_scheme, observer, args), batches, not args.no_progress),
+                           test_x, test_y)
         t0 = time.time()
-        q = qat(model, w_scheme, a_scheme, batches, observer, data, args)
+        recipe = recipe_for(w_scheme, a_scheme, observer, args, method="qat",
+                            method_args=dict(mode="lsq" if args.lsq else "ste", epochs=args.qat_epochs, lr=args.qat_lr))
+        q = qat(model, recipe, batches, data, args)
         acc, size = accuracy(q, test_x, test_y), quantized_size_bytes(q)
         results.add(dict(timestamp=timestamp(), method=method, w_bits=bits, a_bits=32 if a_bits == "none" else a_bits,
                          observer=observer if a_scheme else "", w_observer=args.w_observer, granularity=gran,
-                         accuracy=acc, ptq_accuracy=ptq_acc, size_bytes=size, seconds=round(time.time() - t0, 2), **common))
+                         accuracy=acc, ptq_accuracy=ptq_acc, size_bytes=size, seconds=round(time.time() - t0, 2),
+                         recipe=recipe.to_json(), recipe_id=recipe.id, **common))
         print(f"W{bits}A{a_bits} {gran} {observer}: QAT ({method}) {acc:.2f}%  PTQ {ptq_acc:.2f}%  FP32 {fp32_acc:.2f}%")
         if args.save_model:
-            save_quantized(q, os.path.join(args.models_dir, EXPERIMENT, f"{method}_w{bits}a{a_bits}_{gran}_{observer}_seed{args.seed}"),
-                           extra={"accuracy": acc, "arch": "mnist_mlp"})
+            made_by = dict(recipe_id=recipe.id, fp32=fp32_settings(args), calib_samples=args.calib_samples, seed=args.seed)
+            folder = os.path.join(args.models_dir, EXPERIMENT, f"{method}_w{bits}a{a_bits}_{gran}_{observer}_{settings_id(made_by)}")
+            if not os.path.exists(os.path.join(folder, "quant_config.json")):  # same name: made by the same settings
+                save_quantized(q, folder, extra={"accuracy": acc, "arch": "mnist_mlp", "made_by": made_by,
+                                                 "recipe": recipe.to_dict()})
     print(results.summary())
     return results.rows
 

@@ -46,18 +46,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore")
 
 from common import Parser, UsageError, append_rows, check_writable, code_version, positive_int, run, timestamp  # noqa: E402
-from quant import QScheme, calibrate, quantize_linears, quantized_size_bytes  # noqa: E402
+from quant import QScheme, Recipe, quantize_model, quantized_size_bytes  # noqa: E402
 from quant.kernels import convert_to_int  # noqa: E402
 
 W8 = QScheme(8, granularity="channel")
 A8_TOKEN = QScheme(8, granularity="token")
 
 
-def ours(w, a=None, calib=None, forward=None, kernels=False, skip=("lm_head",), chain=None):
+def ours(w, a=None, calib=None, kernels=False, skip=("lm_head",), chain=None):
+    recipe = Recipe(weight=w, activation=a, skip=skip, group_fallback=False)
+
     def build(model):
-        quantize_linears(model, w, a, skip=skip)
-        if a is not None and not a.dynamic:
-            calibrate(model, calib, forward=forward, progress=False)
+        quantize_model(model, recipe, calib, progress=False)
         size = quantized_size_bytes(model)
         notes = ""
         if kernels:
@@ -182,12 +182,13 @@ def build_all(base, variants, only=None, device="cpu"):
 
 
 def mlp_bench(args):
-    from mnist import MLP, accuracy, load_mnist
+    from mnist import MLP, accuracy, fp32_checkpoint, fp32_settings, load_mnist
     data = load_mnist(args.data_dir)
     (train_x, _), (test_x, test_y) = data["train"], data["test"]
-    path = os.path.join(args.models_dir, "mnist_mlp_fp32_seed0.pt")
+    # the FP32 MLP that `python ptq_nn.py --save_model` trains with its default settings
+    path = fp32_checkpoint(args.models_dir, fp32_settings(argparse.Namespace(epochs=10, train_subset=None, seed=0)))
     if not os.path.exists(path):
-        raise UsageError(f"no FP32 MLP at {path}: run `python ptq_nn.py --save_model` first")
+        raise UsageError(f"no FP32 MLP at {path}: run `python ptq_nn.py --save_model` (default training settings) first")
     base = MLP()
     base.load_state_dict(torch.load(path, weights_only=True))
     base.eval().to(args.device, args.dtype)

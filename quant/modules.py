@@ -109,6 +109,7 @@ class QuantLinear(nn.Module):
         self.weight_quant = Quantizer(w_scheme, learnable=learnable)
         self.act_quant = None if a_scheme is None else Quantizer(a_scheme, learnable=learnable and not a_scheme.dynamic)
         self.qat = qat
+        self.w_observer, self.observer_kwargs = w_observer, observer_kwargs  # QAT re-fits the range with them
         if fit_weight:  # False only when a checkpoint supplies the quantized weight and scales
             self.weight_quant.fit(self.weight, w_observer, **observer_kwargs)
             if not qat:
@@ -150,8 +151,8 @@ class QuantLinear(nn.Module):
         if not self.qat:
             return self.weight
         if not self.weight_quant.learnable:
-            with torch.no_grad():  # STE QAT tracks the weights' current range
-                self.weight_quant.fit(self.weight)
+            with torch.no_grad():  # STE QAT tracks the weights' current range, with the configured observer
+                self.weight_quant.fit(self.weight, self.w_observer, **self.observer_kwargs)
         return self.weight_quant(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,230 @@
+"""Recipe, one quantization described in full (method and its arguments, weight and activation
+schemes, observers, which layers), and quantize_model, the one entry point that applies it.
+
+    recipe = Recipe(weight=QScheme(4, symmetric=False, granularity="group", group_size=128),
+                    method="gptq", method_args={"act_order": True})
+    quantize_model(model, recipe, calib=batches_of_token_ids)
+
+A recipe validates itself, round-trips through JSON exactly, and has a short stable `id` (a hash
+of its canonical JSON), which every result row and saved model carries.
+"""
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .calibrate import calibrate
+from .modules import layer_scheme, quant_modules, quantize_linears
+from .scheme import QScheme
+
+# each method's arguments and their defaults: a recipe always holds all of them, filled in
+METHOD_ARGS = {
+    "rtn": {},
+    "gptq": {"block_size": 128, "damp": 0.01, "act_order": False},
+    "awq": {"grid": 20, "tokens": 4096},
+    "smoothquant": {"alpha": 0.5},
+    "qat": {"mode": "ste", "epochs": 3, "lr": 1e-3},  # quantize_model prepares; the caller trains and freezes
+}
+W_OBSERVERS = ("minmax", "mse", "percentile")
+A_OBSERVERS = ("minmax", "ema", "percentile", "mse", "entropy")
+OBSERVER_ARGS = {"percentile": {"percentile": 99.99}, "ema": {"averaging_constant": 0.01}}
+
+
+def _filled(kind: str, given: dict, defaults: dict) -> tuple:
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown {kind} argument(s) {unknown}; expected some of {sorted(defaults)}")
+    out = {**defaults, **given}
+    for key, value in out.items():
+        want = type(defaults[key])
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            out[key] = value = float(value)
+        if type(value) is not want:
+            raise ValueError(f"{kind} argument {key} must be a {want.__name__}, got {value!r}")
+    return tuple(sorted(out.items()))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One quantization. Method arguments and observer parameters may be given as dicts; they are
+    stored with every default filled in, so two recipes that mean the same are equal and share an id.
+
+    weight       the weight scheme (the grid every method ends on)
+    method       rtn | gptq | awq | smoothquant | qat, with `method_args` (see METHOD_ARGS)
+    w_observer   how a weight's range is chosen: minmax | mse | percentile (GPTQ: its scale search);
+                 AWQ runs its own clip search
+    activation   None (weight-only), a per-tensor scheme (static, calibrated with `a_observer`) or
+                 a per-token scheme (dynamic)
+    skip         fnmatch globs of layers left in float; embeddings: quantize embedding tables
+                 and lm_head too (weight-only); group_fallback: layers narrower than the group
+                 get per-channel weights instead of an error
+    """
+    weight: QScheme
+    method: str = "rtn"
+    method_args: tuple = ()
+    w_observer: str = "minmax"
+    w_observer_args: tuple = ()
+    activation: QScheme | None = None
+    a_observer: str | None = None
+    a_observer_args: tuple = ()
+    skip: tuple = ("lm_head",)
+    embeddings: bool = False
+    group_fallback: bool = True
+    version: int = field(default=1, repr=False)  # of this description; bump when a field's meaning changes
+
+    def __post_init__(self):
+        put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen: normalise once, here)
+        if not isinstance(self.weight, QScheme) or self.weight.dynamic:
+            raise ValueError(f"weight must be a static QScheme (tensor, channel or group), got {self.weight!r}")
+        if self.method not in METHOD_ARGS:
+            raise ValueError(f"method must be one of {sorted(METHOD_ARGS)}, got {self.method!r}")
+        put("method_args", _filled(f"{self.method}", dict(self.method_args), METHOD_ARGS[self.method]))
+        if self.method == "qat" and dict(self.method_args)["mode"] not in ("ste", "lsq"):
+            raise ValueError(f"qat mode must be 'ste' or 'lsq', got {dict(self.method_args)['mode']!r}")
+        if self.w_observer not in W_OBSERVERS:
+            raise ValueError(f"w_observer must be one of {W_OBSERVERS}, got {self.w_observer!r}")
+        if self.method == "gptq" and self.w_observer == "percentile":
+            raise ValueError("gptq chooses its ranges by min-max or its MSE search: w_observer minmax or mse")
+        if self.method == "awq" and self.w_observer != "minmax":
+            raise ValueError("awq runs its own clip search: leave w_observer at minmax")
+        put("w_observer_args", _filled(f"{self.w_observer} observer", dict(self.w_observer_args),
+                                       OBSERVER_ARGS.get(self.w_observer, {})))
+        static = self.activation is not None and not self.activation.dynamic
+        if self.activation is not None and not isinstance(self.activation, QScheme):
+            raise ValueError(f"activation must be a QScheme or None, got {self.activation!r}")
+        if self.activation is not None and self.activation.granularity not in ("tensor", "token"):
+            raise ValueError(f"activations are quantized per tensor (static) or per token (dynamic), "
+                             f"not per {self.activation.granularity}")
+        if static:
+            put("a_observer", self.a_observer or "minmax")
+            if self.a_observer not in A_OBSERVERS:
+                raise ValueError(f"a_observer must be one of {A_OBSERVERS}, got {self.a_observer!r}")
+            put("a_observer_args", _filled(f"{self.a_observer} observer", dict(self.a_observer_args),
+                                           OBSERVER_ARGS.get(self.a_observer, {})))
+        elif self.a_observer is not None or self.a_observer_args:
+            raise ValueError("a_observer applies only to static (per-tensor) activation quantization")
+        if self.method == "smoothquant" and self.activation is None:
+            raise ValueError("smoothquant only helps quantized activations: give an activation scheme")
+        if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
+            raise ValueError(f"skip must be a sequence of layer-name globs, got {self.skip!r}")
+        put("skip", tuple(self.skip))
+        for flag in ("embeddings", "group_fallback"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+
+    @property
+    def args(self) -> dict:
+        return dict(self.method_args)
+
+    @property
+    def act(self) -> str:
+        return "none" if self.activation is None else "dynamic" if self.activation.dynamic else "static"
+
+    def to_dict(self) -> dict:
+        return {"version": self.version, "method": self.method, "method_args": dict(self.method_args),
+                "weight": self.weight.to_dict(), "w_observer": self.w_observer,
+                "w_observer_args": dict(self.w_observer_args),
+                "activation": None if self.activation is None else self.activation.to_dict(),
+                "a_observer": self.a_observer, "a_observer_args": dict(self.a_observer_args),
+                "skip": list(self.skip), "embeddings": self.embeddings, "group_fallback": self.group_fallback}
+
+    def to_json(self) -> str:
+        """Canonical JSON: sorted keys, no spaces; the same text in every process and machine."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        d = dict(d)
+        if d.pop("version", 1) != 1:
+            raise ValueError("recipe written by a newer version of this project")
+        return cls(weight=QScheme(**d.pop("weight")),
+                   activation=None if d.get("activation") is None else QScheme(**d.pop("activation")),
+                   **{k: (tuple(v) if k == "skip" else v) for k, v in d.items() if k != "activation"})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Recipe":
+        return cls.from_dict(json.loads(text))
+
+    @property
+    def id(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
+
+    def describe(self) -> str:
+        a = self.activation
+        w = f"W{self.weight.bits}" + (f"A{a.bits} {self.act}" if a is not None else "")
+        extra = [f"{k}={v}" for k, v in self.method_args]
+        if self.w_observer != "minmax":
+            extra.append(f"w_observer={self.w_observer}")
+        if self.a_observer:
+            extra.append(self.a_observer)
+        return f"{self.method} {w} {self.weight.describe()}" + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def quantize_model(model: nn.Module, recipe: Recipe, calib=None, progress: bool = True) -> nn.Module:
+    """Quantize `model` in place as `recipe` says and return it.
+
+    calib: calibration batches (an iterable of model inputs: token-id tensors for a causal LM,
+    feature batches otherwise), needed by static activations and by GPTQ / AWQ / SmoothQuant,
+    which run block by block on Hugging Face decoder models (each block calibrated on the outputs
+    of the already-quantized blocks before it). For method "qat" the model comes back with float
+    weights under fake quantization, ready to train; call `.freeze()` on its quant modules after.
+    """
+    from .sequential import run_block, sequential_quantize
+    needs_calib = recipe.method in ("gptq", "awq", "smoothquant") or recipe.act == "static"
+    batches = None if calib is None else list(calib)
+    if needs_calib and not batches:
+        raise ValueError(f"{recipe.describe()} needs calibration batches (calib=...)")
+    w_kw = dict(recipe.w_observer_args)
+    a_kw = dict(recipe.a_observer_args)
+    device = _device(model)
+    static = recipe.act == "static"
+
+    if recipe.method in ("rtn", "qat"):
+        qat = recipe.method == "qat"
+        quantize_linears(model, recipe.weight, recipe.activation, skip=() if recipe.embeddings else recipe.skip,
+                         group_fallback=recipe.group_fallback, embeddings=recipe.embeddings and not qat,
+                         w_observer=recipe.w_observer, qat=qat, learnable=qat and recipe.args["mode"] == "lsq", **w_kw)
+        if static:
+            calibrate(model, batches, observer=recipe.a_observer, forward=lambda m, b: m(b.to(device)),
+                      desc=f"calibrate {recipe.a_observer}", progress=progress, **a_kw)
+        _check_swapped(model)
+        return model
+
+    from .gptq import gptq_block
+    from .smoothing import awq_block, smooth_block, weight_matrix
+    args = recipe.args
+
+    def scheme_for(name, module):
+        return layer_scheme(recipe.weight, weight_matrix(module).shape[1])
+
+    def process(index, block, inputs):
+        if recipe.method == "gptq":
+            gptq_block(block, inputs, scheme_for, recipe.activation, block_size=args["block_size"], percdamp=args["damp"],
+                       act_order=args["act_order"], mse=recipe.w_observer == "mse")
+        elif recipe.method == "awq":
+            awq_block(block, inputs, scheme_for, recipe.activation, n_grid=args["grid"], max_rows=args["tokens"])
+        else:  # smoothquant: fold the smoothing scales, then round to nearest
+            smooth_block(block, inputs, args["alpha"])
+            quantize_linears(block, recipe.weight, recipe.activation, group_fallback=recipe.group_fallback,
+                             w_observer=recipe.w_observer, **w_kw)
+        if static:  # static scales from this block's real inputs
+            calibrate(block, inputs, observer=recipe.a_observer, forward=lambda m, inp: run_block(m, *inp),
+                      progress=False, **a_kw)
+
+    sequential_quantize(model, batches, device, process, progress=progress, desc=f"{recipe.method} blocks")
+    if recipe.embeddings:  # lm_head and embeddings: round to nearest, weight-only
+        quantize_linears(model, recipe.weight, None, group_fallback=recipe.group_fallback, embeddings=True,
+                         w_observer=recipe.w_observer, **w_kw)
+    _check_swapped(model)
+    return model
+
+
+def _check_swapped(model: nn.Module) -> None:
+    if not quant_modules(model):
+        raise ValueError("the recipe quantized no layer: the model has no nn.Linear / Conv1D outside `skip`")
