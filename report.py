@@ -16,6 +16,7 @@ import matplotlib
 import pandas as pd
 
 from common import Parser, run
+from quant import QScheme, Recipe
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -142,9 +143,49 @@ def qat_nn(df, out_dir):
 
 # --- causal LMs ---
 
+def rebuilt_recipe(r) -> Recipe:
+    """The recipe of a row written before rows carried one, from its columns. Those runs had no
+    flag for what the columns leave out, except --percentile and --quantize_embeddings, whose
+    defaults (99.99, off) every such row in results/ used."""
+    args = dict(kv.split("=") for kv in str(r.method_args).split() if "=" in kv)
+    method_args = {"gptq": lambda: dict(block_size=int(args["block"]), damp=float(args["damp"]),
+                                        act_order=args["act_order"] == "True"),
+                   "awq": lambda: dict(grid=int(args["grid"]), tokens=int(args["tokens"])),
+                   "smoothquant": lambda: dict(alpha=float(args["alpha"])), "rtn": dict}[r.method]()
+    group = r.granularity == "group"
+    activation = None if r.act == "none" else QScheme(int(r.a_bits), symmetric=False,
+                                                      granularity="token" if r.act == "dynamic" else "tensor")
+    observer = r.observer if isinstance(r.observer, str) and r.observer else None
+    return Recipe(weight=QScheme(int(r.w_bits), symmetric=bool(r.w_symmetric), granularity=r.granularity,
+                                 group_size=int(r.group_size) if group else None),
+                  method=r.method, method_args=method_args,
+                  w_observer="minmax" if r.method == "awq" else (r.w_observer or "minmax"),
+                  activation=activation, a_observer=observer if r.act == "static" else None,
+                  a_observer_args={"percentile": 99.99} if observer == "percentile" else {})
+
+
+def recipe_ids(df: pd.DataFrame) -> pd.Series:
+    """Each row's recipe id: its own, or rebuilt from its columns for rows older than recipes."""
+    own = df["recipe_id"] if "recipe_id" in df.columns else pd.Series(index=df.index, dtype=object)
+    return pd.Series([i if isinstance(i, str) and i else "fp32" if r.method == "fp32" else rebuilt_recipe(r).id
+                      for i, r in zip(own, df.itertuples())], index=df.index)
+
+
+SETTING = ["label", "seq_len", "eval_tokens", "calib_split", "calib_samples", "seed"]  # one table each
+
+
+def check_cells(df: pd.DataFrame, cell: list, what: str) -> None:
+    """Two different configurations must never share a table cell (one would hide the other)."""
+    clash = df.groupby(cell, dropna=False).recipe_id.nunique()
+    clash = clash[clash > 1]
+    if len(clash):
+        raise ValueError(f"{what}: {len(clash)} cell(s) would hold two different recipes, first {clash.index[0]}; "
+                         f"the table's labels must tell them apart")
+
+
 def llm_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """Latest row of each configuration, with a readable setting, Δppl against the FP32 row of the
-    same evaluation, and the rows in reading order."""
+    """Latest row of each recipe per evaluation setting, with a readable setting, Δppl against the
+    FP32 row of the same evaluation, and the rows in reading order."""
     df = df.copy()
     for col, default in (("method_args", ""), ("w_symmetric", True), ("quant_seconds", None)):
         if col not in df.columns:
@@ -152,9 +193,9 @@ def llm_rows(df: pd.DataFrame) -> pd.DataFrame:
     df["method_args"] = df.method_args.fillna("")
     df["w_symmetric"] = df.w_symmetric.map(lambda v: str(v).lower() != "false")  # rows before the column were symmetric
     df["label"] = df.model.map(model_label)
+    df["recipe_id"] = recipe_ids(df)
     # the device is not a key: a configuration gives the same perplexity on CPU and GPU (the FP32 rows agree to 4 digits)
-    df = latest(df, ["label", "method", "method_args", "w_bits", "a_bits", "act", "observer", "w_observer", "group_size",
-                     "w_symmetric", "seq_len", "eval_tokens", "calib_samples", "seed"])
+    df = latest(df, SETTING + ["recipe_id"])
     df["setting"] = [("FP32" if r.method == "fp32" else f"W{int(r.w_bits)}" + (f"A{int(r.a_bits)} {r.act}" if r.act != "none" else "")
                       + (f" g{int(r.group_size)}" if r.granularity == "group" else (" per-channel" if r.method != "fp32" else ""))
                       + ("" if r.w_symmetric or r.method == "fp32" else " asym")
@@ -167,6 +208,7 @@ def llm_rows(df: pd.DataFrame) -> pd.DataFrame:
     df["algorithm"] = [m + (f" ({a})" if a and m != "rtn" else "") for m, a in zip(df.method, df.method_args)]
     df["order"] = [(r.method != "fp32", r.act != "none", -r.w_bits, not r.w_symmetric, r.act, r.method != "rtn", r.method)
                    for r in df.itertuples()]
+    check_cells(df, SETTING + ["setting", "algorithm"], "ptq_llm")
     return df.sort_values("order", kind="stable")
 
 
@@ -238,13 +280,13 @@ def ptq_llm(df, out_dir):
     for label, g in df.groupby("label", sort=False):
         name = re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")
         llm_plot(g, label, os.path.join(out_dir, f"ptq_llm_{name}.png"))
-        # one table per evaluation setting: rows of different windows are not comparable
-        for (seq_len, eval_tokens), e in g.groupby(["seq_len", "eval_tokens"], sort=False):
+        # one table per evaluation setting: rows of other windows or calibration are not comparable
+        for (_, seq_len, eval_tokens, _, _, seed), e in g.groupby(SETTING, sort=False, dropna=False):
             r = e.iloc[-1]
             t = e[["setting", "algorithm", "perplexity", "Δppl", "size MB", "quant_seconds", "seconds", "device"]].rename(
                 columns={"quant_seconds": "quantize (s)", "seconds": "total (s)"})
             parts.append(f"**{label}**, seq_len {int(seq_len)}, {int(eval_tokens)} evaluation tokens, "
-                         f"{int(r.calib_samples)} calibration windows from the {r.calib_split} split; total time = "
+                         f"{int(r.calib_samples)} calibration windows from the {r.calib_split} split, seed {int(seed)}; total time = "
                          f"quantize + calibrate + evaluate on the row's device.\n\n" + md(t))
         findings = llm_findings(g)
         parts.append((findings + "\n\n" if findings else "") + f"![{label}](../results/ptq_llm_{name}.png)")

@@ -1,10 +1,8 @@
 import os
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # on sys.path through pyproject.toml
 DATA = os.path.join(ROOT, "data")  # the repository's own data: tests need nothing beside the clone
 
 

@@ -112,3 +112,41 @@ def test_readme_is_a_front_door_and_ci_runs_its_commands():
     assert "../shared" not in open(os.path.join(ROOT, ".ci", "run")).read()
     for cfg in os.listdir(os.path.join(ROOT, "configs")):
         assert "../" not in open(os.path.join(ROOT, "configs", cfg)).read(), cfg
+
+
+def _llm_row(**kw):
+    row = dict(timestamp="1", method="rtn", w_bits=8, a_bits=8, act="static", observer="percentile", w_observer="minmax",
+               granularity="channel", group_size=None, perplexity=31.0, fp32_perplexity=30.0, size_bytes=50, seconds=1,
+               model="data/stories260K", seq_len=64, eval_tokens=640, calib_samples=4, calib_split="validation", seed=0,
+               device="cpu", method_args="")
+    row.update(kw)
+    return row
+
+
+def test_report_refuses_two_recipes_in_one_cell_and_separates_settings(tmp_path):
+    from quant import QScheme, Recipe
+    base = dict(weight=QScheme(8, granularity="channel"), activation=QScheme(8, symmetric=False), a_observer="percentile")
+    a, b = Recipe(**base), Recipe(**base, a_observer_args={"percentile": 99.9})
+    rows = [_llm_row(recipe_id=a.id, recipe=a.to_json()), _llm_row(timestamp="2", recipe_id=b.id, recipe=b.to_json())]
+    with pytest.raises(ValueError, match="two different recipes"):
+        report.llm_rows(pd.DataFrame(rows))
+    # the same recipe under two evaluation settings: two tables, each headed by its own setting
+    rows = [_llm_row(method="fp32", w_bits=32, a_bits=32, act="none", observer="", granularity="", perplexity=30.0),
+            _llm_row(method="fp32", w_bits=32, a_bits=32, act="none", observer="", granularity="", perplexity=40.0,
+                     seq_len=128, eval_tokens=1280), _llm_row(recipe_id=a.id), _llm_row(recipe_id=a.id, seq_len=128, eval_tokens=1280)]
+    text = report.ptq_llm(pd.DataFrame(rows), str(tmp_path))
+    assert text.count("**stories260K**, seq_len") == 2 and "seq_len 64, 640" in text and "seq_len 128, 1280" in text
+
+
+def test_old_rows_get_their_recipe_rebuilt():
+    """Rows written before rows carried recipes get the id the same configuration has today."""
+    import argparse
+
+    import ptq_llm
+    row = pd.DataFrame([_llm_row(method="gptq", act="none", a_bits=32, observer="", w_bits=4, granularity="group",
+                                 group_size=128, w_symmetric=False, w_observer="mse",
+                                 method_args="block=128 damp=0.01 act_order=True mse")])
+    args = argparse.Namespace(gptq_block_size=128, gptq_damp=0.01, act_order=True, awq_grid=20, awq_tokens=4096,
+                              group_size=128, w_asym=True, w_observer="mse", a_bits=8, percentile=99.99,
+                              quantize_embeddings=False)
+    assert report.recipe_ids(row).iloc[0] == ptq_llm.recipe_for("gptq", None, 4, "none", "", args).id
