@@ -78,6 +78,16 @@ def ptq(model, recipe, batches, progress=True):
     return quantize_model(copy.deepcopy(model), recipe, batches, progress=progress).eval()
 
 
+def save_mlp(q, recipe, accuracy, args, experiment, stem) -> None:
+    """Save a quantized MLP under a name that hashes everything that made it: an existing folder of
+    that name was made by the same recipe, FP32 training and calibration, so it is kept as it is."""
+    made_by = dict(recipe_id=recipe.id, fp32=fp32_settings(args), calib_samples=args.calib_samples, seed=args.seed)
+    folder = os.path.join(args.models_dir, experiment, f"{stem}_{settings_id(made_by)}")
+    if not os.path.exists(os.path.join(folder, "quant_config.json")):
+        save_quantized(q, folder, extra={"accuracy": accuracy, "arch": "mnist_mlp", "made_by": made_by,
+                                         "recipe": recipe.to_dict()})
+
+
 def main(argv=None):
     args = parse_with_config(build_parser(), argv)
     results = Results(args.results_dir, EXPERIMENT, SUMMARY)
@@ -118,11 +128,7 @@ def main(argv=None):
                          recipe_id=recipe.id, **common))
         print(f"PTQ W{bits}A{a_bits} {gran:7s} {observer:10s} accuracy {acc:6.2f}%  size {size} bytes")
         if args.save_model:
-            made_by = dict(recipe_id=recipe.id, fp32=fp32_settings(args), calib_samples=args.calib_samples, seed=args.seed)
-            folder = os.path.join(args.models_dir, EXPERIMENT, f"w{bits}a{a_bits}_{gran}_{observer}_{settings_id(made_by)}")
-            if not os.path.exists(os.path.join(folder, "quant_config.json")):  # same name: made by the same settings
-                save_quantized(q, folder, extra={"accuracy": acc, "arch": "mnist_mlp", "made_by": made_by,
-                                                 "recipe": recipe.to_dict()})
+            save_mlp(q, recipe, acc, args, EXPERIMENT, f"w{bits}a{a_bits}_{gran}_{observer}")
     print(results.summary())
     return results.rows
 

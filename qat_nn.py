@@ -9,14 +9,13 @@ on the test set, and append a row to results/qat_nn.csv.
 """
 import argparse
 import copy
-import os
 import time
 
 from common import (Parser, Results, add_common_args, check_writable, code_version, environment, parse_with_config,
                     positive_float, positive_int, run, settings_id, timestamp)
 from mnist import accuracy, add_mnist_args, fp32_model, fp32_settings, load_mnist, train
-from ptq_nn import add_ptq_args, calib_batches, ptq, recipe_for, schemes
-from quant import float_size_bytes, quant_modules, quantize_model, quantized_size_bytes, save_quantized
+from ptq_nn import add_ptq_args, calib_batches, ptq, recipe_for, save_mlp, schemes
+from quant import float_size_bytes, quant_modules, quantize_model, quantized_size_bytes
 
 EXPERIMENT = "qat_nn"
 SUMMARY = ["method", "w_bits", "a_bits", "granularity", "observer", "accuracy", "ptq_accuracy", "size_bytes", "seconds"]
@@ -83,11 +82,7 @@ def main(argv=None):
                          recipe=recipe.to_json(), recipe_id=recipe.id, **common))
         print(f"W{bits}A{a_bits} {gran} {observer}: QAT ({method}) {acc:.2f}%  PTQ {ptq_acc:.2f}%  FP32 {fp32_acc:.2f}%")
         if args.save_model:
-            made_by = dict(recipe_id=recipe.id, fp32=fp32_settings(args), calib_samples=args.calib_samples, seed=args.seed)
-            folder = os.path.join(args.models_dir, EXPERIMENT, f"{method}_w{bits}a{a_bits}_{gran}_{observer}_{settings_id(made_by)}")
-            if not os.path.exists(os.path.join(folder, "quant_config.json")):  # same name: made by the same settings
-                save_quantized(q, folder, extra={"accuracy": acc, "arch": "mnist_mlp", "made_by": made_by,
-                                                 "recipe": recipe.to_dict()})
+            save_mlp(q, recipe, acc, args, EXPERIMENT, f"{method}_w{bits}a{a_bits}_{gran}_{observer}")
     print(results.summary())
     return results.rows
 

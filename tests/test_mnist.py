@@ -142,3 +142,19 @@ def test_save_model_flag_forms():
     for text, value in [("True", True), ("False", False), ("true", True), ("false", False), ("1", True), ("0", False)]:
         assert parser.parse_args([f"--save_model={text}"]).save_model is value
     assert parser.parse_args([]).save_model is False
+
+
+def test_quick_runs_checkpoint_is_not_reused_by_other_settings(tmp_path, capsys):
+    """An FP32 checkpoint is named by everything that trained it: a quick run's is never reused by a longer one."""
+    base = ["--data_dir", DATA, "--results_dir", str(tmp_path / "r"), "--models_dir", str(tmp_path / "m"), "--no_progress",
+            "--test_subset", "500", "--calib_samples", "64", "--bits", "8", "--observers", "minmax", "--granularity",
+            "channel", "--save_model"]
+    quick = ptq_nn.main(base + ["--train_subset", "300", "--epochs", "1"])
+    assert "saved FP32 checkpoint" in capsys.readouterr().out
+    longer = ptq_nn.main(base + ["--train_subset", "3000", "--epochs", "2"])
+    out = capsys.readouterr().out
+    assert "reusing" not in out and "saved FP32 checkpoint" in out
+    assert longer[0]["accuracy"] > quick[0]["accuracy"] and longer[0]["fp32_id"] != quick[0]["fp32_id"]
+    again = ptq_nn.main(base + ["--train_subset", "300", "--epochs", "1"])
+    assert "reusing FP32 checkpoint" in capsys.readouterr().out and again[0]["accuracy"] == quick[0]["accuracy"]
+    assert len([f for f in os.listdir(tmp_path / "m") if f.endswith(".pt")]) == 2

@@ -5,11 +5,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quant import QScheme, Recipe, quantize_model
+from quant import QScheme, Recipe
 from quant.recipe import A_OBSERVERS, METHOD_ARGS
 from tests.conftest import DATA, ROOT
 
