@@ -15,7 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .modules import QuantEmbedding, QuantLinear, is_conv1d, quant_modules, replace_module
+from .arch import is_linear
+from .modules import QuantEmbedding, QuantLinear, quant_modules, replace_module
 from .packing import pack, unpack
 from .scheme import QScheme
 
@@ -116,7 +117,7 @@ def load_quantized(model: torch.nn.Module, folder: str) -> torch.nn.Module:
         except AttributeError:
             raise ValueError(f"checkpoint does not match the model: it has no layer {name!r}") from None
         embedding = lc.get("kind") == "embedding"
-        if not (isinstance(module, torch.nn.Embedding) if embedding else isinstance(module, torch.nn.Linear) or is_conv1d(module)):
+        if not (isinstance(module, torch.nn.Embedding) if embedding else is_linear(module)):
             raise ValueError(f"checkpoint layer {name} is a {type(module).__name__} in this model, "
                              f"expected {'an embedding' if embedding else 'a linear layer'}")
         w_scheme = QScheme(**lc["weight"])
@@ -131,7 +132,7 @@ def load_quantized(model: torch.nn.Module, folder: str) -> torch.nn.Module:
         scale = tensors.pop(f"{name}.weight_scale").to(device)
         zp_key = f"{name}.weight_zero_point"
         zp = (tensors.pop(zp_key).float() + w_scheme.qmin) if zp_key in tensors else \
-            torch.full_like(scale, float((w_scheme.qmin + w_scheme.qmax + 1) // 2))
+            torch.full_like(scale, float(w_scheme.zero_point_int))
         q.weight_quant.set_qparams(scale, zp.to(device))
         numel = 1
         for d in lc["layout"]:

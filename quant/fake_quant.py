@@ -78,10 +78,18 @@ class _LSQ(torch.autograd.Function):
         return grad * inside, grad_scale, None, None, None, None
 
 
-def lsq_fake_quantize(x, scale, zero_point, qmin: int, qmax: int, grad_scale: float | None = None):
-    """LSQ fake quantization: STE for x, learned step size `scale` with LSQ's gradient scaling
-    g = 1 / sqrt(elements per scale * qmax_positive_levels)."""
-    if grad_scale is None:
-        per_scale = x.numel() / max(scale.numel(), 1)
-        grad_scale = 1.0 / (per_scale * max(qmax - float(zero_point.max() if zero_point.numel() else 0), 1)) ** 0.5
+def lsq_fake_quantize(x, scale, zero_point, qmin: int, qmax: int, grad_scale: float):
+    """LSQ fake quantization: STE for x, learned step size `scale` whose gradient is multiplied by
+    `grad_scale` (LSQ's g = 1 / sqrt(elements per scale * positive levels); Quantizer computes it)."""
     return _LSQ.apply(x, scale, zero_point, qmin, qmax, grad_scale).to(x.dtype)
+
+
+def round_to_nearest(w: torch.Tensor, scheme, ratio=1.0):
+    """RTN of an (out, in) weight, each scale's range [min, max] shrunk by `ratio` (a number, or
+    one value per scale). Returns (quantized weight, scale, zero point)."""
+    from .scheme import row_qparams
+    wl = scheme.to_layout(w)
+    scale, zp = row_qparams(scheme.rows(wl), scheme, ratio)
+    shape = scheme.param_shape(wl)
+    scale, zp = scale.reshape(shape), zp.reshape(shape)
+    return scheme.from_layout(fake_quantize(wl, scale, zp, scheme.qmin, scheme.qmax), w.shape), scale, zp

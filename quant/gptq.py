@@ -15,7 +15,7 @@ import torch
 
 from .fake_quant import fake_quantize
 from .observers import _mse_best_ratio
-from .scheme import QScheme, qparams_from_range
+from .scheme import QScheme, qparams_from_range, row_qparams
 
 
 class Hessian:
@@ -37,8 +37,7 @@ class Hessian:
 def _params(w: torch.Tensor, scheme: QScheme, mse: bool = False):
     """Per-row scale / zero point of a (rows, cols) slice for the scheme's bits and symmetry: over
     the row's [min, max], or with `mse` over the shrunk range that minimizes the row's MSE."""
-    ratio = _mse_best_ratio(w, None, scheme).unsqueeze(1) if mse else 1.0
-    return qparams_from_range(w.amin(1, keepdim=True) * ratio, w.amax(1, keepdim=True) * ratio, scheme)
+    return row_qparams(w, scheme, _mse_best_ratio(w, None, scheme) if mse else 1.0)
 
 
 @torch.no_grad()
@@ -112,9 +111,9 @@ def gptq_block(block, inputs: list, scheme_for, a_scheme=None, skip=(), **gptq_k
     (static ones are calibrated after the block is quantized): the Hessians see quantized
     weights and float activations."""
     from .calibrate import activation_quant_disabled
+    from .arch import is_linear, scale_groups, weight_matrix
     from .modules import QuantLinear, replace_module
     from .sequential import collect_inputs
-    from .smoothing import is_linear, scale_groups, weight_matrix
     linears = {n: m for n, m in block.named_modules() if is_linear(m) and n not in skip}
     # layers reading the same normalized input (q/k/v, gate/up) share one Hessian
     owner = {n: n for n in linears}

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .arch import in_out, is_linear, weight_matrix
 from .fake_quant import dequantize, fake_quantize, lsq_fake_quantize, quantize
 from .observers import make_observer
 from .scheme import QScheme, check_finite, qparams_from_range
@@ -64,7 +65,7 @@ class Quantizer(nn.Module):
         scale, zp = self._qparams(xl)
         if self.learnable:
             # LSQ gradient scale: 1 / sqrt(elements per scale * positive levels)
-            positive_levels = s.qmax - (s.qmin + s.qmax + 1) // 2 if s.symmetric else s.qmax - s.qmin
+            positive_levels = s.qmax - s.zero_point_int if s.symmetric else s.qmax - s.qmin
             g = (xl.numel() / scale.numel() * positive_levels) ** -0.5
             y = lsq_fake_quantize(xl, scale, zp, s.qmin, s.qmax, g)
         else:
@@ -85,11 +86,6 @@ class Quantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return self.scheme.describe() + (", lsq" if self.learnable else "")
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """Hugging Face GPT-2's Conv1D (a linear layer with its weight stored as (in, out))."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 class QuantLinear(nn.Module):
@@ -117,13 +113,9 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_module(cls, module: nn.Module, w_scheme, a_scheme=None, **kwargs) -> "QuantLinear":
-        if isinstance(module, nn.Linear):
-            weight = module.weight
-        elif is_conv1d(module):
-            weight = module.weight.t()
-        else:
+        if not is_linear(module):
             raise TypeError(f"cannot quantize a {type(module).__name__}: only nn.Linear and GPT-2 Conv1D")
-        return cls(weight, module.bias, w_scheme, a_scheme, **kwargs)
+        return cls(weight_matrix(module), module.bias, w_scheme, a_scheme, **kwargs)
 
     @torch.no_grad()
     def freeze(self) -> None:
@@ -208,9 +200,9 @@ def quantize_linears(model: nn.Module, w_scheme: QScheme, a_scheme: QScheme | No
     swapped = {}
     kinds = (nn.Linear, nn.Embedding) if embeddings else (nn.Linear,)
     targets = [(n, m) for n, m in model.named_modules()
-               if n and (isinstance(m, kinds) or is_conv1d(m)) and _matches(n, include) and not _matches(n, skip)]
+               if n and (isinstance(m, kinds) or is_linear(m)) and _matches(n, include) and not _matches(n, skip)]
     for name, module in targets:
-        in_features = module.weight.shape[0] if is_conv1d(module) else module.weight.shape[1]
+        in_features = module.weight.shape[1] if isinstance(module, nn.Embedding) else in_out(module)[0]
         scheme = layer_scheme(w_scheme, in_features) if group_fallback else w_scheme
         if isinstance(module, nn.Embedding):
             qmodule = QuantEmbedding(module.weight, scheme, module.padding_idx, **kwargs)

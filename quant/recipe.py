@@ -197,7 +197,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib=None, progress: bool 
         return model
 
     from .gptq import gptq_block
-    from .smoothing import awq_block, smooth_block, weight_matrix
+    from .arch import weight_matrix
+    from .smoothing import awq_block, smooth_block
     args = recipe.args
 
     def scheme_for(name, module):

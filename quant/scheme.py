@@ -48,6 +48,11 @@ class QScheme:
         return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
 
     @property
+    def zero_point_int(self) -> int:
+        """The zero point of a symmetric scheme: the middle of the integer range (0 when signed)."""
+        return (self.qmin + self.qmax + 1) // 2
+
+    @property
     def dynamic(self) -> bool:
         return self.granularity == "token"
 
@@ -121,7 +126,7 @@ def qparams_from_range(min_val: torch.Tensor, max_val: torch.Tensor, scheme: QSc
     max_val = torch.as_tensor(max_val, dtype=torch.float32).clamp(min=0)
     qmin, qmax = scheme.qmin, scheme.qmax
     if scheme.symmetric:
-        zp_int = (qmin + qmax + 1) // 2
+        zp_int = scheme.zero_point_int
         scale = torch.maximum(-min_val, max_val) / (qmax - zp_int)
         scale = scale.clamp(min=MIN_SCALE)
         zero_point = torch.full_like(scale, float(zp_int))
@@ -129,3 +134,10 @@ def qparams_from_range(min_val: torch.Tensor, max_val: torch.Tensor, scheme: QSc
         scale = ((max_val - min_val) / (qmax - qmin)).clamp(min=MIN_SCALE)
         zero_point = (qmin - torch.round(min_val / scale)).clamp(qmin, qmax)
     return scale, zero_point
+
+
+def row_qparams(rows: torch.Tensor, scheme: QScheme, ratio=1.0):
+    """Scale / zero point of each row of a 2-D matrix (one row per scale) over the row's
+    [min, max] shrunk by `ratio` (a number, or one value per row): the round-to-nearest range."""
+    r = ratio.reshape(-1, 1) if torch.is_tensor(ratio) else ratio
+    return qparams_from_range(rows.amin(1, keepdim=True) * r, rows.amax(1, keepdim=True) * r, scheme)

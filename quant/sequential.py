@@ -14,19 +14,11 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .arch import decoder_blocks
+
 
 class _StopForward(Exception):
     pass
-
-
-def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder blocks: the ModuleList with one entry per hidden layer."""
-    cfg = getattr(model, "config", None)
-    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
-    for _, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) > 0 and (n is None or len(m) == n):
-            return m
-    raise ValueError(f"cannot find the decoder blocks of a {type(model).__name__}")
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
-"""Per-input-channel scaling folded into the preceding operation: the mechanism shared by
-SmoothQuant and AWQ, and both algorithms.
+"""SmoothQuant and AWQ: per-input-channel scales folded into the preceding operation (the fold
+itself, and which producer feeds which linears, live in arch.py).
 
 For a group of linear layers that read the same input x (q/k/v after a norm, gate/up after a
 norm, down after up, ...), y = W x = (W diag(s)) (diag(1/s) x): the weights' input columns are
@@ -14,80 +14,11 @@ rows of a linear) is divided by s, which leaves the float model's function uncha
 import torch
 import torch.nn as nn
 
-from .fake_quant import fake_quantize
-from .modules import QuantLinear, is_conv1d, replace_module
-from .scheme import QScheme, qparams_from_range
+from .fake_quant import round_to_nearest
+from .arch import fold_scales, is_linear, scale_groups, weight_matrix
+from .modules import QuantLinear, replace_module
+from .scheme import QScheme
 from .sequential import collect_inputs
-
-# (producer, consumers) of known decoder blocks; names relative to the block
-MAPPINGS = [
-    # Llama, Mistral, Qwen2, SmolLM
-    ("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
-    ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
-    ("self_attn.v_proj", ["self_attn.o_proj"]),
-    ("mlp.up_proj", ["mlp.down_proj"]),
-    # GPT-2
-    ("ln_1", ["attn.c_attn"]),
-    ("ln_2", ["mlp.c_fc"]),
-    # OPT
-    ("self_attn_layer_norm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
-    ("final_layer_norm", ["fc1"]),
-]
-
-
-def is_linear(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or is_conv1d(m)
-
-
-def _in_out(m: nn.Module) -> tuple[int, int]:
-    return (m.weight.shape[0], m.weight.shape[1]) if is_conv1d(m) else (m.weight.shape[1], m.weight.shape[0])
-
-
-def scale_groups(block: nn.Module, norms_only: bool = False) -> list:
-    """[(producer name, producer, {consumer name: consumer})] present in this block, where the
-    folding is exact: a norm producer, or a linear whose output rows are the consumers' inputs."""
-    found = []
-    for prod_name, cons_names in MAPPINGS:
-        try:
-            prod = block.get_submodule(prod_name)
-            cons = {n: block.get_submodule(n) for n in cons_names}
-        except AttributeError:
-            continue
-        if not all(is_linear(c) for c in cons.values()):
-            continue
-        if is_linear(prod):
-            if norms_only or _in_out(prod)[1] != _in_out(next(iter(cons.values())))[0]:
-                continue  # e.g. v_proj -> o_proj under grouped-query attention: shapes differ
-        elif not hasattr(prod, "weight"):
-            continue
-        found.append((prod_name, prod, cons))
-    return found
-
-
-@torch.no_grad()
-def fold_scales(producer: nn.Module, consumers: dict, s: torch.Tensor) -> None:
-    """Divide the producer's output channels by s and multiply the consumers' input columns by s."""
-    s = s.to(producer.weight.device)
-    if is_linear(producer):
-        if is_conv1d(producer):
-            producer.weight.div_(s.to(producer.weight.dtype).unsqueeze(0))
-        else:
-            producer.weight.div_(s.to(producer.weight.dtype).unsqueeze(1))
-    else:  # LayerNorm / RMSNorm
-        producer.weight.div_(s.to(producer.weight.dtype))
-    if getattr(producer, "bias", None) is not None:
-        producer.bias.div_(s.to(producer.bias.dtype))
-    for c in consumers.values():
-        if is_conv1d(c):
-            c.weight.mul_(s.to(c.weight.dtype).unsqueeze(1))
-        else:
-            c.weight.mul_(s.to(c.weight.dtype).unsqueeze(0))
-
-
-def weight_matrix(m: nn.Module) -> torch.Tensor:
-    """The (out, in) weight of a Linear or Conv1D."""
-    return m.weight.t() if is_conv1d(m) else m.weight
-
 
 @torch.no_grad()
 def smooth_block(block: nn.Module, inputs: list, alpha: float = 0.5) -> dict:
@@ -120,18 +51,6 @@ def _rows_sample(store: dict, name: str, x: torch.Tensor, max_rows: int) -> None
         store[name] = x[:max_rows] if have is None else torch.cat([have, x])[:max_rows]
 
 
-def _fq_weight(w: torch.Tensor, scheme: QScheme, ratio=1.0):
-    """RTN of an (out, in) weight with each row's range (a row per scale) shrunk by `ratio`, a
-    number or one value per row. Returns (quantized weight, scale, zero point)."""
-    wl = scheme.to_layout(w)
-    rows = scheme.rows(wl)
-    r = ratio.reshape(-1, 1) if torch.is_tensor(ratio) else ratio
-    scale, zp = qparams_from_range(rows.amin(1, keepdim=True) * r, rows.amax(1, keepdim=True) * r, scheme)
-    shape = scheme.param_shape(wl)
-    scale, zp = scale.reshape(shape), zp.reshape(shape)
-    return scheme.from_layout(fake_quantize(wl, scale, zp, scheme.qmin, scheme.qmax), w.shape), scale, zp
-
-
 @torch.no_grad()
 def awq_block(block: nn.Module, inputs: list, scheme_for, a_scheme=None, n_grid: int = 20, max_rows: int = 4096,
               clip_grid=tuple(1.0 - 0.05 * i for i in range(11)), skip=()) -> dict:
@@ -159,7 +78,7 @@ def awq_block(block: nn.Module, inputs: list, scheme_for, a_scheme=None, n_grid:
             err = 0.0
             for n, c in cons.items():
                 w = weight_matrix(c).float() * s
-                q = _fq_weight(w, scheme_for(n, c))[0] / s
+                q = round_to_nearest(w, scheme_for(n, c))[0] / s
                 err += float((x @ q.t() - ref[n]).pow(2).mean())
             if err < best[0]:
                 best = (err, alpha, s)
@@ -171,7 +90,7 @@ def awq_block(block: nn.Module, inputs: list, scheme_for, a_scheme=None, n_grid:
         scheme = scheme_for(name, m)
         w = weight_matrix(m).float()
         ratio = _clip_search(w, xs[name], scheme, clip_grid)
-        q, scale, zp = _fq_weight(w, scheme, ratio)
+        q, scale, zp = round_to_nearest(w, scheme, ratio)
         qm = QuantLinear.from_module(m, scheme, a_scheme, fit_weight=False)
         qm.set_quantized_weight(q, scale, zp)
         replace_module(block, name, qm)
@@ -192,7 +111,7 @@ def _clip_search(w: torch.Tensor, x: torch.Tensor, scheme: QScheme, grid, chunk:
         ref = torch.einsum("ngk,ogk->nog", xl, wl)
         best_err = torch.full(wl.shape[:2], float("inf"), device=w.device)
         for r in grid:
-            q = _fq_weight(wc, scheme, r)[0]
+            q = round_to_nearest(wc, scheme, r)[0]
             ql = scheme.to_layout(q) if grouped else q.unsqueeze(1)
             err = (torch.einsum("ngk,ogk->nog", xl, ql) - ref).pow(2).mean(0)
             better = err < best_err

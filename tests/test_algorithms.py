@@ -10,8 +10,9 @@ from llm import calib_windows, tokenize, wikitext_text
 from quant import QScheme, Quantizer, quantize_linears
 from quant.gptq import Hessian, gptq_block, gptq_quantize
 from quant.modules import layer_scheme
-from quant.sequential import collect_inputs, decoder_blocks, first_block_inputs, run_block, sequential_quantize
-from quant.smoothing import awq_block, is_linear, scale_groups, smooth_block, weight_matrix
+from quant.arch import decoder_blocks, is_linear, scale_groups, weight_matrix
+from quant.sequential import collect_inputs, first_block_inputs, run_block, sequential_quantize
+from quant.smoothing import awq_block, smooth_block
 from conftest import DATA
 
 
