@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from common import DATA_ENV, MODELS_ENV, REPO_DATA, UsageError, data_folders, hub_reachable, read_data, verify_folder
+from cli import UsageError
+from paths import DATA_ENV, MODELS_ENV, REPO_DATA, data_folders, hub_reachable, read_data, verify_folder
 
 WIKITEXT = "wikitext-2-raw-v1"
 SPLIT_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw", "test": "wiki.test.raw"}
@@ -189,6 +190,7 @@ def load_quantized_model(folder: str, device: str = "cpu"):
     """A checkpoint written by ptq_llm.py --save_model: the architecture from its config.json,
     the quantized layers and every other tensor from its model.safetensors."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     from quant import load_quantized
     config = AutoConfig.from_pretrained(folder)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -14,7 +14,7 @@ import argparse
 import importlib
 import sys
 
-from common import Parser, load_config, run
+from cli import Parser, load_config, run
 
 EXPERIMENTS = ("ptq_nn", "qat_nn", "ptq_llm", "tour")
 

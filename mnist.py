@@ -11,7 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from common import DATA_ENV, UsageError, data_folders, hub_reachable, positive_int, read_data, settings_id
+from cli import UsageError, positive_int
+from paths import DATA_ENV, data_folders, hub_reachable, read_data
+from results import settings_id
 
 MEAN, STD = 0.1307, 0.3081
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

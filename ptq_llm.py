@@ -26,12 +26,33 @@ import time
 
 import torch
 
-from common import (Parser, Results, UsageError, add_common_args, bits_type, check_writable, code_version, environment, settings_id,
-                    parse_with_config, percentile_type, pick_device, positive_float, positive_int, run, timestamp,
-                    unit_float)
-from llm import (calib_windows, context_length, eval_windows, load_config, load_model, load_tokenizer, perplexity,
-                 tokenize, wikitext_text)
+from cli import (
+    Parser,
+    UsageError,
+    add_common_args,
+    bits_type,
+    check_writable,
+    parse_with_config,
+    percentile_type,
+    pick_device,
+    positive_float,
+    positive_int,
+    run,
+    unit_float,
+)
+from llm import (
+    calib_windows,
+    context_length,
+    eval_windows,
+    load_config,
+    load_model,
+    load_tokenizer,
+    perplexity,
+    tokenize,
+    wikitext_text,
+)
 from quant import QScheme, Recipe, float_size_bytes, quant_modules, quantize_model, quantized_size_bytes, save_quantized
+from results import Results, code_version, environment, settings_id, timestamp
 
 EXPERIMENT = "ptq_llm"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -68,7 +89,8 @@ def build_parser(prog=None):
     p.add_argument("--gptq_damp", type=positive_float, default=0.01, help="GPTQ dampening, fraction of mean diag(H) (default: 0.01)")
     p.add_argument("--act_order", action="store_true", help="GPTQ: quantize columns in decreasing Hessian-diagonal order")
     p.add_argument("--awq_grid", type=positive_int, default=20, help="AWQ: alpha values searched in [0, 1) (default: 20)")
-    p.add_argument("--awq_tokens", type=positive_int, default=4096, help="AWQ: calibration tokens per layer for the searches (default: 4096)")
+    p.add_argument("--awq_tokens", type=positive_int, default=4096,
+                   help="AWQ: calibration tokens per layer for the searches (default: 4096)")
     p.add_argument("--sq_alpha", type=unit_float, nargs="+", default=[0.5],
                    help="SmoothQuant migration strengths in [0, 1], one run each (default: 0.5)")
     p.add_argument("--device_map", default=None,

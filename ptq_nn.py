@@ -14,10 +14,10 @@ import time
 
 import torch
 
-from common import (Parser, Results, UsageError, add_common_args, check_writable, code_version, environment,
-                    parse_with_config, percentile_type, run, settings_id, timestamp)
+from cli import Parser, UsageError, add_common_args, check_writable, parse_with_config, percentile_type, run
 from mnist import accuracy, add_mnist_args, fp32_model, fp32_settings, load_mnist
 from quant import OBSERVERS, QScheme, Recipe, float_size_bytes, quantize_model, quantized_size_bytes, save_quantized
+from results import Results, code_version, environment, settings_id, timestamp
 
 EXPERIMENT = "ptq_nn"
 SUMMARY = ["method", "w_bits", "a_bits", "granularity", "observer", "w_observer", "accuracy", "size_bytes", "seconds"]
@@ -26,7 +26,7 @@ SUMMARY = ["method", "w_bits", "a_bits", "granularity", "observer", "w_observer"
 def a_bits_type(s):
     if s in ("same", "none"):
         return s
-    from common import bits_type
+    from cli import bits_type
     return bits_type(s)
 
 

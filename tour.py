@@ -19,7 +19,8 @@ import time
 import ptq_llm
 import ptq_nn
 import qat_nn
-from common import Parser, run, summary_table
+from cli import Parser, run
+from results import summary_table
 
 
 def build_parser(prog=None):

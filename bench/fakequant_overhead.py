@@ -17,8 +17,9 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import Parser, append_rows, check_writable, code_version, positive_int, run, timestamp  # noqa: E402
+from cli import Parser, check_writable, positive_int, run  # noqa: E402
 from quant import QScheme, calibrate, quantize_linears  # noqa: E402
+from results import append_rows, code_version, timestamp  # noqa: E402
 
 
 def stack(width, depth, seed=0):

@@ -7,7 +7,8 @@ measured in one run on one machine.
 
 MLP: test accuracy, images/s at batch 1 and 256. LLM: perplexity on --eval_samples WikiText-2
 test windows, prefill tokens/s on one --seq_len window and the time spent in its linear layers
-(lm_head excluded), one-token decode tokens/s after a --seq_len prefill. For every variant: the time it took to produce (quantize, calibrate,
+(lm_head excluded), one-token decode tokens/s after a --seq_len prefill. For every variant: the time it took to
+produce (quantize, calibrate,
 convert), its saved size where it has one (our packed checkpoint) and the bytes of its state
 as torch.save writes it (what its weights occupy), and its memory in use: on CPU, measured in a
 fresh process per variant that holds only that variant (built from the float model, which is
@@ -45,9 +46,10 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore")
 
-from common import Parser, UsageError, append_rows, check_writable, code_version, positive_int, run, timestamp  # noqa: E402
+from cli import Parser, UsageError, check_writable, positive_int, run  # noqa: E402
 from quant import QScheme, Recipe, quantize_model, quantized_size_bytes  # noqa: E402
 from quant.kernels import convert_to_int  # noqa: E402
+from results import append_rows, code_version, timestamp  # noqa: E402
 
 W8 = QScheme(8, granularity="channel")
 A8_TOKEN = QScheme(8, granularity="token")

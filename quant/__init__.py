@@ -1,9 +1,10 @@
 """Shared quantization core: one entry point, quantize_model(model, Recipe(...)), over schemes,
-observers, fake-quant ops, quantized modules, calibration, algorithms, packing and checkpoints. See each module's docstring for what it owns."""
+observers, fake-quant ops, quantized modules, calibration, algorithms, packing and checkpoints.
+See each module's docstring for what it owns."""
 from .calibrate import calibrate
 from .checkpoint import float_size_bytes, load_quantized, quantized_size_bytes, save_quantized
 from .fake_quant import dequantize, fake_quantize, lsq_fake_quantize, quantize
-from .modules import QuantEmbedding, QuantLinear, Quantizer, quant_modules, quantize_linears
+from .modules import QuantEmbedding, Quantizer, QuantLinear, quant_modules, quantize_linears
 from .observers import OBSERVERS, make_observer
 from .packing import pack, unpack
 from .recipe import Recipe, quantize_model

@@ -1,7 +1,8 @@
 """Quantize / dequantize arithmetic and the fake-quant autograd functions (STE and LSQ).
 
 All functions take scale and zero point already shaped to broadcast against x (see
-QScheme.param_shape); fake_quantize also takes Python numbers for a per-tensor scheme. The rounding matches PyTorch's fake-quantize kernels exactly:
+QScheme.param_shape); fake_quantize also takes Python numbers for a per-tensor scheme.
+The rounding matches PyTorch's fake-quantize kernels exactly:
 q = clamp(round_half_even(x * (1 / scale)) + zero_point, qmin, qmax).
 """
 import torch

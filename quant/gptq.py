@@ -110,8 +110,8 @@ def gptq_block(block, inputs: list, scheme_for, a_scheme=None, skip=(), **gptq_k
     layers swapped for QuantLinears. Activation quantizers of the layers already done stay off
     (static ones are calibrated after the block is quantized): the Hessians see quantized
     weights and float activations."""
-    from .calibrate import activation_quant_disabled
     from .arch import is_linear, scale_groups, weight_matrix
+    from .calibrate import activation_quant_disabled
     from .modules import QuantLinear, replace_module
     from .sequential import collect_inputs
     linears = {n: m for n, m in block.named_modules() if is_linear(m) and n not in skip}

@@ -196,8 +196,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib=None, progress: bool 
         _check_swapped(model)
         return model
 
-    from .gptq import gptq_block
     from .arch import weight_matrix
+    from .gptq import gptq_block
     from .smoothing import awq_block, smooth_block
     args = recipe.args
 

@@ -9,7 +9,7 @@ Granularities:
            a last partial group is allowed (it is zero-padded, and zero is always exact)
   token    dynamic: one scale per row of the last dimension, computed on every call
 """
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 
 import torch
 

@@ -14,11 +14,12 @@ rows of a linear) is divided by s, which leaves the float model's function uncha
 import torch
 import torch.nn as nn
 
-from .fake_quant import round_to_nearest
 from .arch import fold_scales, is_linear, scale_groups, weight_matrix
+from .fake_quant import round_to_nearest
 from .modules import QuantLinear, replace_module
 from .scheme import QScheme
 from .sequential import collect_inputs
+
 
 @torch.no_grad()
 def smooth_block(block: nn.Module, inputs: list, alpha: float = 0.5) -> dict:

@@ -4,16 +4,16 @@ import os
 
 import pytest
 import torch
+from conftest import DATA
 
 import ptq_llm
 from llm import calib_windows, tokenize, wikitext_text
 from quant import QScheme, Quantizer, quantize_linears
+from quant.arch import decoder_blocks, is_linear, scale_groups, weight_matrix
 from quant.gptq import Hessian, gptq_block, gptq_quantize
 from quant.modules import layer_scheme
-from quant.arch import decoder_blocks, is_linear, scale_groups, weight_matrix
 from quant.sequential import collect_inputs, first_block_inputs, run_block, sequential_quantize
 from quant.smoothing import awq_block, smooth_block
-from conftest import DATA
 
 
 def load(source, n=8, seq_len=64):

@@ -3,12 +3,12 @@ import os
 
 import pandas as pd
 import pytest
+from conftest import DATA
 
 import main as main_mod
 import report
-from common import append_rows
+from results import append_rows
 from tests.conftest import ROOT
-from conftest import DATA
 
 
 def test_append_rows_keeps_old_rows_and_adds_columns(tmp_path):
@@ -62,7 +62,7 @@ def test_shipped_configs_parse():
         path = os.path.join(ROOT, "configs", name)
         experiment, runs = main_mod.config_runs(path)
         parser = importlib.import_module(experiment).build_parser()
-        from common import parse_with_config
+        from cli import parse_with_config
         for argv in runs:
             parse_with_config(parser, argv)
 

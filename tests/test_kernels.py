@@ -4,11 +4,11 @@ import os
 import pytest
 import torch
 import torch.nn as nn
+from conftest import DATA
 
 from quant import QScheme, calibrate, quantize_linears
 from quant import float_size_bytes as weight_bytes
 from quant.kernels import Int4WeightOnlyLinear, Int8DynamicLinear, Int8StaticLinear, Int8WeightOnlyLinear, convert_to_int
-from conftest import DATA
 
 CASES = [
     (QScheme(8, granularity="channel"), None, Int8WeightOnlyLinear),

@@ -7,12 +7,12 @@ import time
 import pandas as pd
 import pytest
 import torch
+from conftest import DATA
 
 import ptq_llm
 from llm import eval_windows, hub_rows, load_quantized_model, perplexity, tokenize, wikitext_text
 from quant import QScheme, calibrate, quantize_linears, save_quantized
 from tests.conftest import ROOT
-from conftest import DATA
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 
 import ptq_nn
 import qat_nn
-from common import UsageError
+from cli import UsageError
 from mnist import load_mnist, read_idx
 from tests.conftest import DATA, ROOT
 
@@ -111,8 +111,8 @@ def test_data_lookup_order(tmp_path, monkeypatch):
 
 
 def test_missing_data_fails_fast_with_location(tmp_path, monkeypatch):
-    import common
-    monkeypatch.setattr(common, "REPO_DATA", str(tmp_path / "no-data"))
+    import paths
+    monkeypatch.setattr(paths, "REPO_DATA", str(tmp_path / "no-data"))
     t0 = time.time()
     with pytest.raises(UsageError, match=f"MNIST not found .*{tmp_path}.*hub is unreachable.*--data_dir"):
         load_mnist(str(tmp_path))

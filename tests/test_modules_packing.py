@@ -4,11 +4,23 @@ import os
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers.pytorch_utils import Conv1D
 
-from quant import (QScheme, QuantLinear, calibrate, float_size_bytes, load_quantized, pack, quant_modules,
-                   quantize_linears, quantized_size_bytes, save_quantized, unpack)
+from quant import (
+    QScheme,
+    QuantLinear,
+    calibrate,
+    float_size_bytes,
+    load_quantized,
+    pack,
+    quant_modules,
+    quantize_linears,
+    quantized_size_bytes,
+    save_quantized,
+    unpack,
+)
 from quant.packing import packed_nbytes
 
 

@@ -92,8 +92,9 @@ def test_readme_library_example_runs():
     section = readme[readme.index("## As a library"):]
     code = section[section.index("```python") + len("```python"):]
     code = code[:code.index("```")]
-    from llm import calib_windows, tokenize, wikitext_text
     from transformers import AutoTokenizer
+
+    from llm import calib_windows, tokenize, wikitext_text
     ids = tokenize(AutoTokenizer.from_pretrained(os.path.join(DATA, "stories260K")), wikitext_text("validation", None))
     scope = {"calibration_batches": calib_windows(ids, 8, 64, seed=0).split(4)}
     cwd = os.getcwd()

@@ -4,7 +4,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from quant import QScheme, Quantizer, dequantize, fake_quantize, lsq_fake_quantize, qparams_from_range, quantize
 
