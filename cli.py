@@ -124,6 +124,7 @@ def load_config(path: str) -> dict:
 def parse_with_config(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
     """Parse argv; values in --config become defaults, so explicit flags override them.
     Config values go through the same type checks as flags."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)

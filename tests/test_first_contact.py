@@ -53,6 +53,16 @@ def test_missing_and_malformed_config(tmp_path, script):
     assert r.returncode == 2 and "mapping" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_script_run_directly_with_a_config(tmp_path):
+    cfg = tmp_path / "quick.yaml"
+    cfg.write_text("bits: [4]\nobservers: [minmax]\ngranularity: [channel]\nepochs: 1\ntrain_subset: 2000\n"
+                   "test_subset: 500\ncalib_samples: 64\n")
+    r, _ = run("ptq_nn.py", "--config", str(cfg), "--no_progress", "--results_dir", str(tmp_path / "r"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = pd.read_csv(tmp_path / "r" / "ptq_nn.csv")
+    assert rows.w_bits.tolist() == [32, 4] and rows.epochs.tolist() == [1, 1] and rows.train_subset.tolist() == [2000, 2000]
+
+
 @pytest.mark.parametrize("script,args", [("main.py", ["--calib", "5"]), ("ptq_nn.py", ["--calib", "5"]),
                                          ("main.py", ["--exp", "qat_nn"]), ("bench/speed.py", ["mlp", "--rep", "3"]),
                                          ("report.py", ["--results", "x"])])
