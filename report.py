@@ -68,11 +68,28 @@ def log_ticks(ax, values) -> None:
 
 # --- MNIST ---
 
+MNIST_SETTING = ["fp32_id", "calib_samples", "test_images"]  # the FP32 training (its hash), calibration, test set
+
+
+def mnist_setting(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The rows of the latest run's setting, the latest of each recipe, and a header naming the
+    setting. Rows older than recipes carry no FP32 training hash: runs since supersede them."""
+    df = df[df.get("recipe_id", pd.Series(index=df.index, dtype=object)).notna()]
+    last = df.sort_values("timestamp").iloc[-1]
+    for key in MNIST_SETTING:
+        df = df[df[key] == last[key]]
+    df = latest(df, ["recipe_id"])
+    train = f"{int(last.train_subset)} training images" if pd.notna(last.train_subset) else "all 60000 training images"
+    return df, (f"FP32 MLP trained {int(last.epochs)} epochs on {train} (seed {int(last.seed)}), "
+                f"{int(last.calib_samples)} calibration images, {int(last.test_images)} test images")
+
+
 def ptq_nn(df, out_dir):
-    df = latest(df, ["method", "w_bits", "a_bits", "observer", "w_observer", "granularity", "calib_samples", "seed"])
+    df, setting = mnist_setting(df)
     fp32 = df[df.method == "fp32"].accuracy.iloc[-1]
     q = df[df.method == "ptq"]
-    table = q.pivot_table(index=["granularity", "observer"], columns="w_bits", values="accuracy", aggfunc="last")
+    check_cells(q, ["granularity", "observer", "w_bits"], "ptq_nn")
+    table = q.pivot_table(index=["granularity", "observer"], columns="w_bits", values="accuracy", aggfunc="first")
     table = table[sorted(table.columns, reverse=True)]
     table.columns = [f"W{int(c)}A8" for c in table.columns]
     grans = sorted(q.granularity.unique(), key=lambda g: g != "tensor")
@@ -104,7 +121,7 @@ def ptq_nn(df, out_dir):
                  acc(w_bits=8, granularity="channel", observer="entropy"),
                  acc(w_bits=8, granularity="channel", observer="minmax")),
     ])
-    return (f"FP32 accuracy {fp32:.2f} % ({int(df.test_images.iloc[-1])} test images, {int(df.fp32_size_bytes.iloc[-1])} "
+    return (f"{setting}. FP32 accuracy {fp32:.2f} % ({int(df.fp32_size_bytes.iloc[-1])} "
             f"bytes). Test accuracy (%) after static PTQ, activations 8-bit affine per-tensor:\n\n"
             + md(table.reset_index()) + "\n\nPacked size (bytes):\n\n"
             + md(sizes.reset_index().rename(columns={"w_bits": "weight bits"})) + "\n\n" + findings
@@ -112,10 +129,11 @@ def ptq_nn(df, out_dir):
 
 
 def qat_nn(df, out_dir):
-    df = latest(df, ["method", "w_bits", "a_bits", "granularity", "qat_epochs", "seed"])
+    df, setting = mnist_setting(df)
     fp32 = df[df.method == "fp32"].accuracy.iloc[-1]
     q = df[df.method != "fp32"]
-    table = q.pivot_table(index="w_bits", columns="method", values="accuracy", aggfunc="last")
+    check_cells(q, ["w_bits", "method"], "qat_nn")
+    table = q.pivot_table(index="w_bits", columns="method", values="accuracy", aggfunc="first")
     table.insert(0, "ptq", q.groupby("w_bits").ptq_accuracy.last())
     table = table.sort_index(ascending=False).reset_index()
     table.insert(0, "setting", [f"W{int(b)}A8" for b in table.w_bits])
@@ -137,7 +155,8 @@ def qat_nn(df, out_dir):
     cell = lambda c: w2[c].iloc[0] if len(w2) and c in w2.columns else None  # noqa: E731
     findings = bullets([sentence("At W2A8, PTQ collapses to {:.2f} %; {} epochs of QAT recover {:.2f} % (STE) and "
                                  "{:.2f} % (LSQ).", cell("ptq"), epochs, cell("qat_ste"), cell("qat_lsq"))])
-    return (f"FP32 accuracy {fp32:.2f} %. QAT: {epochs} epochs from the FP32 checkpoint. Test accuracy (%):\n\n" + md(table)
+    return (f"{setting}. FP32 accuracy {fp32:.2f} %. QAT: {epochs} epochs from the FP32 checkpoint. Test accuracy (%):\n\n"
+            + md(table)
             + "\n\n" + findings + "\n\n![MNIST QAT](../results/qat_nn.png)")
 
 
