@@ -102,11 +102,63 @@ def load_model(name: str, device: str, dtype: torch.dtype = torch.float32, gguf_
     return model.eval()
 
 
-def context_length(cfg) -> int | None:
+def context_length(name: str, gguf_file: str | None = None) -> int | None:
+    """The model's context length, read before anything heavy: from a GGUF file's header (parsing
+    it for a config takes seconds, every tensor's description included), else from the config."""
+    source, kw = locate(name, gguf_file)
+    if "gguf_file" in kw:
+        meta = gguf_metadata(os.path.join(source, kw["gguf_file"]))
+        ctx = meta.get(f"{meta.get('general.architecture')}.context_length")
+        return None if ctx is None else int(ctx)
+    cfg = load_config(name, gguf_file)
     for key in ("max_position_embeddings", "n_positions", "n_ctx"):
         if getattr(cfg, key, None):
             return int(getattr(cfg, key))
     return None
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def gguf_metadata(path: str) -> dict:
+    """The key-value header of a GGUF file (format v2/v3), without its tensor descriptions;
+    arrays (a tokenizer's vocabulary) are skipped, not read."""
+    import struct
+
+    def scalar(f, t):
+        fmt = _GGUF_SCALARS[t]
+        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+    def string(f):
+        return f.read(struct.unpack("<Q", f.read(8))[0]).decode("utf-8", "replace")
+
+    def value(f, t):
+        if t == 8:
+            return string(f)
+        if t == 9:  # array: element type, count, elements
+            et, n = struct.unpack("<IQ", f.read(12))
+            if et in _GGUF_SCALARS:
+                f.seek(n * struct.calcsize(_GGUF_SCALARS[et]), 1)
+            else:
+                for _ in range(n):
+                    value(f, et)
+            return None
+        return scalar(f, t)
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise UsageError(f"{path} is not a GGUF file")
+            version, _, n_kv = struct.unpack("<IQQ", f.read(20))
+            if version < 2:
+                raise UsageError(f"{path}: GGUF version {version} is too old (2 or later needed)")
+            out = {}
+            for _ in range(n_kv):
+                key = string(f)
+                out[key] = value(f, struct.unpack("<I", f.read(4))[0])
+            return out
+    except (OSError, struct.error, KeyError) as e:
+        raise UsageError(f"cannot read the header of {path}: {e}") from None
 
 
 # --- data ---

@@ -44,7 +44,6 @@ from llm import (
     calib_windows,
     context_length,
     eval_windows,
-    load_config,
     load_model,
     load_tokenizer,
     perplexity,
@@ -180,7 +179,7 @@ def main(argv=None):
     results = Results(args.results_dir, EXPERIMENT, SUMMARY)
     if args.save_model:
         check_writable(args.models_dir, "--models_dir")
-    ctx = context_length(load_config(args.model_name, args.gguf_file))
+    ctx = context_length(args.model_name, args.gguf_file)
     if ctx is not None and args.seq_len > ctx:
         raise UsageError(f"--seq_len {args.seq_len} exceeds the model's context length {ctx}")
     test_text = wikitext_text("test", args.data_dir)

@@ -120,3 +120,34 @@ def test_missing_model_path_and_offline_hub_id(tmp_path):
     # the signature command, offline: a clear message in seconds, naming where to put the model
     r, seconds = run_main("--model_name=distilgpt2", "--calib_samples=200", "--seq_len=128", cwd=tmp_path)
     assert r.returncode == 2 and "models/distilgpt2" in r.stderr and seconds < 30
+
+
+def test_gguf_header_reader_matches_the_gguf_package(tmp_path):
+    """Our header-only reader (context length within seconds) against gguf's own writer and reader."""
+    import gguf
+    import numpy as np
+
+    from cli import UsageError
+    from llm import gguf_metadata
+    path = str(tmp_path / "tiny.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_context_length(1234)
+    w.add_block_count(2)
+    w.add_token_list([f"tok{i}" for i in range(300)])  # an array of strings, skipped
+    w.add_array("test.floats", [0.5, 1.5, 2.5])
+    w.add_float32("test.scale", 0.25)
+    w.add_bool("test.flag", True)
+    w.add_tensor("w", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    meta = gguf_metadata(path)
+    assert meta["general.architecture"] == "llama" and meta["llama.context_length"] == 1234
+    assert meta["llama.block_count"] == 2 and meta["test.scale"] == 0.25 and meta["test.flag"] is True
+    reader = gguf.GGUFReader(path)
+    assert set(meta) == {k for k in reader.fields if not k.startswith("GGUF.")}  # (its own header entries)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGML" + bytes(20))
+    with pytest.raises(UsageError, match="not a GGUF file"):
+        gguf_metadata(str(bad))
