@@ -76,6 +76,8 @@ class Recipe:
 
     def __post_init__(self):
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen: normalise once, here)
+        if self.version != 1:
+            raise ValueError(f"recipe version {self.version!r}: this code reads version 1")
         if not isinstance(self.weight, QScheme) or self.weight.dynamic:
             raise ValueError(f"weight must be a static QScheme (tensor, channel or group), got {self.weight!r}")
         if self.method not in METHOD_ARGS:
@@ -137,8 +139,6 @@ class Recipe:
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
         d = dict(d)
-        if d.pop("version", 1) != 1:
-            raise ValueError("recipe written by a newer version of this project")
         return cls(weight=QScheme(**d.pop("weight")),
                    activation=None if d.get("activation") is None else QScheme(**d.pop("activation")),
                    **{k: (tuple(v) if k == "skip" else v) for k, v in d.items() if k != "activation"})

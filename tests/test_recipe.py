@@ -69,6 +69,7 @@ def test_defaults_are_filled_so_equal_meaning_gives_equal_id():
     (dict(weight=QScheme(8, granularity="token")), "weight must be a static QScheme"),
     (dict(skip="lm_head"), "skip must be a sequence"),
     (dict(method="qat", method_args={"mode": "adam"}), "qat mode"),
+    (dict(version=2), "recipe version 2"),
 ])
 def test_invalid_recipes_are_clear_value_errors(kwargs, needle):
     kwargs = {"weight": QScheme(4, granularity="channel"), **kwargs}
