@@ -93,9 +93,9 @@ class Recipe:
             raise ValueError("awq runs its own clip search: leave w_observer at minmax")
         put("w_observer_args", _filled(f"{self.w_observer} observer", dict(self.w_observer_args),
                                        OBSERVER_ARGS.get(self.w_observer, {})))
-        static = self.activation is not None and not self.activation.dynamic
         if self.activation is not None and not isinstance(self.activation, QScheme):
             raise ValueError(f"activation must be a QScheme or None, got {self.activation!r}")
+        static = self.activation is not None and not self.activation.dynamic
         if self.activation is not None and self.activation.granularity not in ("tensor", "token"):
             raise ValueError(f"activations are quantized per tensor (static) or per token (dynamic), "
                              f"not per {self.activation.granularity}")

@@ -70,6 +70,7 @@ def test_defaults_are_filled_so_equal_meaning_gives_equal_id():
     (dict(skip="lm_head"), "skip must be a sequence"),
     (dict(method="qat", method_args={"mode": "adam"}), "qat mode"),
     (dict(version=2), "recipe version 2"),
+    (dict(activation="int8"), "activation must be a QScheme or None"),
 ])
 def test_invalid_recipes_are_clear_value_errors(kwargs, needle):
     kwargs = {"weight": QScheme(4, granularity="channel"), **kwargs}
