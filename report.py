@@ -178,7 +178,7 @@ def rebuilt_recipe(r) -> Recipe:
     return Recipe(weight=QScheme(int(r.w_bits), symmetric=bool(r.w_symmetric), granularity=r.granularity,
                                  group_size=int(r.group_size) if group else None),
                   method=r.method, method_args=method_args,
-                  w_observer="minmax" if r.method == "awq" else (r.w_observer or "minmax"),
+                  w_observer="minmax" if r.method == "awq" or not isinstance(r.w_observer, str) else r.w_observer,
                   activation=activation, a_observer=observer if r.act == "static" else None,
                   a_observer_args={"percentile": 99.99} if observer == "percentile" else {})
 
