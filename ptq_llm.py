@@ -188,6 +188,12 @@ def main(argv=None):
     if calib_text is None:
         calib_split, calib_text = "validation", wikitext_text("validation", args.data_dir)
         print("WikiText-2 train split not available: calibrating on the validation split")
+    try:  # every configuration's recipe, checked now: a setting that cannot work fails before any weights load
+        recipes = [recipe_for(method, alpha, w_bits, act, observer, args)
+                for method, alpha in variants(args.method, args) for w_bits, act, observer in configurations(args)
+                if not (method == "smoothquant" and act == "none")]  # smoothing only helps quantized activations
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     tok = load_tokenizer(args.model_name, args.gguf_file)
     windows = eval_windows(tokenize(tok, test_text), args.seq_len, args.eval_samples)
     calib = calib_windows(tokenize(tok, calib_text), args.calib_samples, args.seq_len, args.seed)
@@ -219,51 +225,48 @@ def main(argv=None):
                     seconds=round(time.time() - t0, 2), notes="", recipe="", recipe_id="fp32"))
         print(f"FP32 perplexity {fp32_ppl:.3f}  ({fp32_size} bytes)")
 
-    for method, alpha in variants(args.method, args):
-        for w_bits, act, observer in configurations(args):
-            if method == "smoothquant" and act == "none":
-                continue  # smoothing only helps quantized activations
-            t0 = time.time()
-            if args.device_map:
-                qmodel = load_model(args.model_name, device, dtype, args.gguf_file, args.device_map)
+    for recipe in recipes:
+        method, w_bits, act = recipe.method, recipe.weight.bits, recipe.act
+        t0 = time.time()
+        if args.device_map:
+            qmodel = load_model(args.model_name, device, dtype, args.gguf_file, args.device_map)
+        else:
+            qmodel = copy.deepcopy(model)
+        try:
+            quantize_model(qmodel, recipe, calib.split(args.batch_size), progress=progress)
+        except ValueError as e:  # a recipe that cannot apply to this model: bad input, not a crash
+            raise UsageError(f"{args.model_name}: {e}") from None
+        w_scheme = recipe.weight
+        schemes = {n: m.weight_quant.scheme for n, m in quant_modules(qmodel).items()}
+        fallback = [n for n, sch in schemes.items() if sch.granularity != w_scheme.granularity]
+        notes = f"per-channel for {len(fallback)} layers with inputs < group {args.group_size}" if fallback else ""
+        t_quant = time.time() - t0
+        ppl = perplexity(qmodel, windows, args.batch_size, device, progress, desc=f"eval {method} W{w_bits} {act}")
+        size = quantized_size_bytes(qmodel)
+        label = recipe.describe()
+        record(dict(timestamp=timestamp(), method=method, w_bits=w_bits, a_bits=args.a_bits if act != "none" else 32,
+                    act=act, observer=recipe.a_observer or "", w_observer=recipe.w_observer, granularity=w_scheme.granularity,
+                    w_symmetric=w_scheme.symmetric, group_size=w_scheme.group_size, perplexity=ppl,
+                    fp32_perplexity=fp32_ppl, size_bytes=size, quant_seconds=round(t_quant, 2),
+                    seconds=round(time.time() - t0, 2), notes=notes, method_args=method_args(recipe),
+                    recipe=recipe.to_json(), recipe_id=recipe.id))
+        print(f"{label:44s} perplexity {ppl:.3f}  size {size} bytes ({size / fp32_size:.1%} of float)  "
+              f"quantize {t_quant:.1f}s" + (f"  [{notes}]" if notes else ""))
+        if args.save_model:
+            # named by everything that made it: the same name is the same model, never another one
+            made_by = dict(model=args.model_name, recipe_id=recipe.id, calib_samples=args.calib_samples,
+                           calib_split=calib_split, seq_len=args.seq_len, seed=args.seed, dtype=args.dtype)
+            tag = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{os.path.basename(args.model_name.rstrip('/'))}_{method}_W{w_bits}"
+                         f"_{act}_{settings_id(made_by)}").strip("_")
+            folder = os.path.join(args.models_dir, EXPERIMENT, tag)
+            if os.path.exists(os.path.join(folder, "quant_config.json")):
+                print(f"kept {folder}: made by the same model, recipe and calibration")
             else:
-                qmodel = copy.deepcopy(model)
-            try:
-                recipe = recipe_for(method, alpha, w_bits, act, observer, args)
-                quantize_model(qmodel, recipe, calib.split(args.batch_size), progress=progress)
-            except ValueError as e:  # a recipe that cannot apply to this model: bad input, not a crash
-                raise UsageError(f"{args.model_name}: {e}") from None
-            w_scheme = recipe.weight
-            schemes = {n: m.weight_quant.scheme for n, m in quant_modules(qmodel).items()}
-            fallback = [n for n, sch in schemes.items() if sch.granularity != w_scheme.granularity]
-            notes = f"per-channel for {len(fallback)} layers with inputs < group {args.group_size}" if fallback else ""
-            t_quant = time.time() - t0
-            ppl = perplexity(qmodel, windows, args.batch_size, device, progress, desc=f"eval {method} W{w_bits} {act}")
-            size = quantized_size_bytes(qmodel)
-            label = recipe.describe()
-            record(dict(timestamp=timestamp(), method=method, w_bits=w_bits, a_bits=args.a_bits if act != "none" else 32,
-                        act=act, observer=observer, w_observer=recipe.w_observer, granularity=w_scheme.granularity,
-                        w_symmetric=w_scheme.symmetric, group_size=w_scheme.group_size, perplexity=ppl,
-                        fp32_perplexity=fp32_ppl, size_bytes=size, quant_seconds=round(t_quant, 2),
-                        seconds=round(time.time() - t0, 2), notes=notes, method_args=method_args(recipe),
-                        recipe=recipe.to_json(), recipe_id=recipe.id))
-            print(f"{label:44s} perplexity {ppl:.3f}  size {size} bytes ({size / fp32_size:.1%} of float)  "
-                  f"quantize {t_quant:.1f}s" + (f"  [{notes}]" if notes else ""))
-            if args.save_model:
-                # named by everything that made it: the same name is the same model, never another one
-                made_by = dict(model=args.model_name, recipe_id=recipe.id, calib_samples=args.calib_samples,
-                               calib_split=calib_split, seq_len=args.seq_len, seed=args.seed, dtype=args.dtype)
-                tag = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{os.path.basename(args.model_name.rstrip('/'))}_{method}_W{w_bits}"
-                             f"_{act}_{settings_id(made_by)}").strip("_")
-                folder = os.path.join(args.models_dir, EXPERIMENT, tag)
-                if os.path.exists(os.path.join(folder, "quant_config.json")):
-                    print(f"kept {folder}: made by the same model, recipe and calibration")
-                else:
-                    save_quantized(qmodel, folder, extra={"perplexity": ppl, "made_by": made_by, "recipe": recipe.to_dict()})
-                    qmodel.config.save_pretrained(folder)
-                    tok.save_pretrained(folder)
-                    print(f"saved {folder}")
-            del qmodel
+                save_quantized(qmodel, folder, extra={"perplexity": ppl, "made_by": made_by, "recipe": recipe.to_dict()})
+                qmodel.config.save_pretrained(folder)
+                tok.save_pretrained(folder)
+                print(f"saved {folder}")
+        del qmodel
     print(results.summary())
     return results.rows
 
