@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .arch import in_out, is_linear, weight_matrix
+from .arch import in_out, is_conv1d, is_linear, weight_matrix
 from .fake_quant import dequantize, fake_quantize, lsq_fake_quantize, quantize
 from .observers import make_observer
 from .scheme import QScheme, check_finite, qparams_from_range
@@ -105,6 +105,7 @@ class QuantLinear(nn.Module):
         self.weight_quant = Quantizer(w_scheme, learnable=learnable)
         self.act_quant = None if a_scheme is None else Quantizer(a_scheme, learnable=learnable and not a_scheme.dynamic)
         self.qat = qat
+        self.conv1d = False  # whether the layer it replaces stored its weight as (in, out); exports need it
         self.w_observer, self.observer_kwargs = w_observer, observer_kwargs  # QAT re-fits the range with them
         if fit_weight:  # False only when a checkpoint supplies the quantized weight and scales
             self.weight_quant.fit(self.weight, w_observer, **observer_kwargs)
@@ -115,7 +116,9 @@ class QuantLinear(nn.Module):
     def from_module(cls, module: nn.Module, w_scheme, a_scheme=None, **kwargs) -> "QuantLinear":
         if not is_linear(module):
             raise TypeError(f"cannot quantize a {type(module).__name__}: only nn.Linear and GPT-2 Conv1D")
-        return cls(weight_matrix(module), module.bias, w_scheme, a_scheme, **kwargs)
+        q = cls(weight_matrix(module), module.bias, w_scheme, a_scheme, **kwargs)
+        q.conv1d = is_conv1d(module)
+        return q
 
     @torch.no_grad()
     def freeze(self) -> None:
