@@ -238,13 +238,41 @@ def perplexity(model, windows: torch.Tensor, batch_size: int, device: str, progr
     return float(torch.exp(torch.tensor(nll / count)))
 
 
-def load_quantized_model(folder: str, device: str = "cpu"):
-    """A checkpoint written by ptq_llm.py --save_model: the architecture from its config.json,
-    the quantized layers and every other tensor from its model.safetensors."""
+def load_quantized_model(folder: str, device: str = "cpu", kernels: bool = False):
+    """(model, tokenizer) from a checkpoint written by ptq_llm.py --save_model: the architecture
+    from the config inside its quant_config (config.json in folders from before it moved there),
+    the quantized layers and every other tensor from its model.safetensors. kernels=True builds
+    the integer-kernel modules straight from the packed codes (see quant.load_quantized)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from quant import load_quantized
-    config = AutoConfig.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    load_quantized(model, folder)
-    return model.to(device).eval(), AutoTokenizer.from_pretrained(folder)
+    from quant.checkpoint import load_quantized, read_config
+    model_config = read_config(folder).get("model_config")
+    if model_config is not None:
+        config = AutoConfig.for_model(**model_config)
+    else:
+        config = AutoConfig.from_pretrained(folder)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    load_quantized(model, folder, kernels=kernels)
+    return model.eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def load_exported(fmt: str, path: str, device: str, dtype: torch.dtype = torch.float32):
+    """An exported model through the ecosystem's own loader: transformers' compressed-tensors
+    integration for a folder, its GGUF reader for a .gguf file. Asymmetric pack-quantized folders
+    load with dequantize=True: the default path mis-sizes their packed zero points (a known
+    compressed-tensors bug, vllm-project/llm-compressor#1618), the dequantizing path reads them right."""
+    from transformers import AutoModelForCausalLM
+    if fmt.startswith("gguf"):
+        model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype)
+    else:
+        import json
+
+        from transformers import CompressedTensorsConfig
+        with open(os.path.join(path, "config.json")) as f:
+            qc = json.load(f)["quantization_config"]
+        asym_packed = qc.get("format") == "pack-quantized" and any(
+            not g["weights"]["symmetric"] for g in qc["config_groups"].values())
+        kw = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if asym_packed else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+    return model.to(device).eval()

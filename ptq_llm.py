@@ -44,13 +44,17 @@ from llm import (
     calib_windows,
     context_length,
     eval_windows,
+    load_exported,
     load_model,
     load_tokenizer,
     perplexity,
+    resolve_model,
     tokenize,
     wikitext_text,
 )
 from quant import QScheme, Recipe, float_size_bytes, quant_modules, quantize_model, quantized_size_bytes, save_quantized
+from quant.export import FORMATS as EXPORT_FORMATS
+from quant.export import export_problem, gguf_tokenizer_problem, save_compressed_tensors, save_gguf
 from results import Results, code_version, environment, settings_id, timestamp
 
 EXPERIMENT = "ptq_llm"
@@ -95,6 +99,10 @@ def build_parser(prog=None):
     p.add_argument("--device_map", default=None,
                    help="accelerate device map for models larger than one device, e.g. auto (each configuration then reloads "
                         "the model from disk instead of copying it in memory)")
+    p.add_argument("--export", nargs="+", choices=list(EXPORT_FORMATS), default=[],
+                   help="also write each quantized model as compressed-tensors (a folder transformers and vLLM load) "
+                        "and/or gguf (Q8_0 for 5-8 bits, Q4_0 below; Llama only) under --models_dir, load it back "
+                        "through that format's loader and record its perplexity in the row")
     p.add_argument("--skip_fp32", action="store_true", help="do not evaluate the FP32 baseline (its row is then absent)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="evaluation dtype (default: float32)")
@@ -167,6 +175,37 @@ SUMMARY = ["method", "w_bits", "a_bits", "act", "observer", "granularity", "grou
            "quant_seconds", "seconds"]
 
 
+EXPORT_FIELDS = ["export_format", "export_path", "export_bytes", "export_perplexity", "export_max_logit_diff",
+                 "export_notes"]
+
+
+def export(qmodel, fmt, stem, tok, source_gguf, windows, args, device, dtype) -> dict:
+    """Write (or keep, when the same settings made it) one export of the quantized model, load it
+    back through the format's own loader and measure it on the same windows."""
+    if fmt == "gguf":
+        qtype = "q8_0" if qmodel_bits(qmodel) >= 5 else "q4_0"
+        path = f"{stem}-{qtype}.gguf"
+        info = None if os.path.exists(path) else save_gguf(qmodel, path, qtype, tok, source_gguf)
+    else:
+        path = f"{stem}-compressed-tensors"
+        info = None if os.path.exists(os.path.join(path, "config.json")) else save_compressed_tensors(qmodel, path, tok)
+    if info is None:  # kept: made by the same model, recipe and calibration
+        info = {"format": f"gguf-{qtype}" if fmt == "gguf" else fmt, "path": path, "notes": "kept"}
+    loaded = load_exported(info["format"], path, device, dtype)
+    batch = windows[: args.batch_size].to(device)
+    with torch.no_grad():
+        diff = float((loaded(batch).logits.float() - qmodel(batch).logits.float()).abs().max())
+    exported_ppl = perplexity(loaded, windows, args.batch_size, device, not args.no_progress, desc=f"eval {info['format']}")
+    files = [os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors")] if os.path.isdir(path) else [path]
+    del loaded
+    return dict(export_format=info["format"], export_path=path, export_bytes=sum(os.path.getsize(f) for f in files),
+                export_perplexity=exported_ppl, export_max_logit_diff=round(diff, 6), export_notes=info["notes"])
+
+
+def qmodel_bits(qmodel) -> int:
+    return max(m.weight_quant.scheme.bits for m in quant_modules(qmodel).values())
+
+
 def main(argv=None):
     args = parse_with_config(build_parser(), argv)
     if args.group_size < 0:
@@ -177,7 +216,7 @@ def main(argv=None):
     # everything that can fail before the weights load fails first: outputs, data, tokenizer, context
     t_load = time.time()
     results = Results(args.results_dir, EXPERIMENT, SUMMARY)
-    if args.save_model:
+    if args.save_model or args.export:
         check_writable(args.models_dir, "--models_dir")
     ctx = context_length(args.model_name, args.gguf_file)
     if ctx is not None and args.seq_len > ctx:
@@ -202,6 +241,14 @@ def main(argv=None):
         transformers.utils.logging.disable_progress_bar()
     model = load_model(args.model_name, device, dtype, args.gguf_file, args.device_map)
     eval_tokens = windows.numel()
+    source, source_gguf, _ = resolve_model(args.model_name, args.gguf_file)
+    source_gguf = os.path.join(source, source_gguf) if source_gguf else None
+    for recipe in recipes:  # an export that cannot be written fails now, not after hours of quantizing
+        for fmt in args.export:
+            problem = export_problem(model, fmt, recipe) or (
+                gguf_tokenizer_problem(tok) if fmt == "gguf" and source_gguf is None else None)
+            if problem:
+                raise UsageError(f"--export {fmt}: {recipe.describe()}: {problem}")
     print(f"{args.model_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on {device}; "
           f"eval {len(windows)} windows x {args.seq_len} = {eval_tokens} tokens; calib {len(calib)} windows from {calib_split} "
           f"({time.time() - t_load:.1f}s)")
@@ -244,27 +291,39 @@ def main(argv=None):
         ppl = perplexity(qmodel, windows, args.batch_size, device, progress, desc=f"eval {method} W{w_bits} {act}")
         size = quantized_size_bytes(qmodel)
         label = recipe.describe()
-        record(dict(timestamp=timestamp(), method=method, w_bits=w_bits, a_bits=args.a_bits if act != "none" else 32,
-                    act=act, observer=recipe.a_observer or "", w_observer=recipe.w_observer, granularity=w_scheme.granularity,
-                    w_symmetric=w_scheme.symmetric, group_size=w_scheme.group_size, perplexity=ppl,
-                    fp32_perplexity=fp32_ppl, size_bytes=size, quant_seconds=round(t_quant, 2),
-                    seconds=round(time.time() - t0, 2), notes=notes, method_args=method_args(recipe),
-                    recipe=recipe.to_json(), recipe_id=recipe.id))
+        row = dict(timestamp=timestamp(), method=method, w_bits=w_bits, a_bits=args.a_bits if act != "none" else 32,
+                   act=act, observer=recipe.a_observer or "", w_observer=recipe.w_observer, granularity=w_scheme.granularity,
+                   w_symmetric=w_scheme.symmetric, group_size=w_scheme.group_size, perplexity=ppl,
+                   fp32_perplexity=fp32_ppl, size_bytes=size, quant_seconds=round(t_quant, 2),
+                   seconds=round(time.time() - t0, 2), notes=notes, method_args=method_args(recipe),
+                   recipe=recipe.to_json(), recipe_id=recipe.id)
+        # artefacts are named by everything that made them: the same name is the same model, never another one
+        made_by = dict(model=args.model_name, recipe_id=recipe.id, calib_samples=args.calib_samples,
+                       calib_split=calib_split, seq_len=args.seq_len, seed=args.seed, dtype=args.dtype)
+        tag = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{os.path.basename(args.model_name.rstrip('/'))}_{method}_W{w_bits}"
+                     f"_{act}_{settings_id(made_by)}").strip("_")
+        try:
+            exports = [export(qmodel, fmt, os.path.join(args.models_dir, EXPERIMENT, tag), tok, source_gguf, windows,
+                              args, device, dtype) for fmt in args.export]
+        except BaseException:
+            record(row)  # the measured row lands even when an export fails
+            raise
+        if exports:
+            row.update({k: ";".join(str(e[k]) for e in exports) for k in EXPORT_FIELDS})
+        record(row)
         print(f"{label:44s} perplexity {ppl:.3f}  size {size} bytes ({size / fp32_size:.1%} of float)  "
               f"quantize {t_quant:.1f}s" + (f"  [{notes}]" if notes else ""))
+        for e in exports:
+            print(f"  {e['export_format']:18s} perplexity {e['export_perplexity']:.3f} through its loader "
+                  f"(max logit difference {e['export_max_logit_diff']:.2g})  {e['export_bytes']} bytes  {e['export_path']}"
+                  + (f"  [{e['export_notes']}]" if e["export_notes"] else ""))
         if args.save_model:
-            # named by everything that made it: the same name is the same model, never another one
-            made_by = dict(model=args.model_name, recipe_id=recipe.id, calib_samples=args.calib_samples,
-                           calib_split=calib_split, seq_len=args.seq_len, seed=args.seed, dtype=args.dtype)
-            tag = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{os.path.basename(args.model_name.rstrip('/'))}_{method}_W{w_bits}"
-                         f"_{act}_{settings_id(made_by)}").strip("_")
             folder = os.path.join(args.models_dir, EXPERIMENT, tag)
             if os.path.exists(os.path.join(folder, "quant_config.json")):
                 print(f"kept {folder}: made by the same model, recipe and calibration")
             else:
                 save_quantized(qmodel, folder, extra={"perplexity": ppl, "made_by": made_by, "recipe": recipe.to_dict()})
-                qmodel.config.save_pretrained(folder)
-                tok.save_pretrained(folder)
+                tok.save_pretrained(folder)  # (no config.json: from_pretrained refuses the folder; llm.load_quantized_model reads it)
                 print(f"saved {folder}")
         del qmodel
     print(results.summary())

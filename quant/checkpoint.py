@@ -2,9 +2,13 @@
 
 A checkpoint is a folder with `model.safetensors` (packed integer weights, scales, zero points,
 static activation scales and every unquantized tensor, stored once even when tied) and
-`quant_config.json` (the scheme of each quantized layer; also in the safetensors metadata).
-`quantized_size_bytes` sums exactly the tensors that `save_quantized` writes, so it equals the
-file size minus the safetensors header.
+`quant_config.json` (the scheme of each quantized layer and, for a Hugging Face model, its
+architecture config; also in the safetensors metadata). There is deliberately no config.json:
+the folder is not a float Hugging Face model, so `from_pretrained` refuses it instead of loading
+random weights. `load_quantized` reads it back (as fake-quantized layers, or with kernels=True
+as integer-kernel modules built from the packed codes, without a float copy of the weights);
+quant.export writes the formats other tools load. `quantized_size_bytes` sums exactly the
+tensors that `save_quantized` writes, so it equals the file size minus the safetensors header.
 """
 import json
 import os
@@ -16,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .arch import is_linear
-from .modules import QuantEmbedding, QuantLinear, quant_modules, replace_module
+from .modules import QuantEmbedding, Quantizer, QuantLinear, quant_modules, replace_module
 from .packing import pack, unpack
 from .scheme import QScheme
 
@@ -46,7 +50,7 @@ def export_tensors(model: torch.nn.Module):
                 tensors[f"{name}.act_zero_point"] = m.act_quant.zero_point.detach().float().contiguous()
         layers[name] = {"kind": "embedding" if isinstance(m, QuantEmbedding) else "linear", "weight": s.to_dict(),
                         "act": act, "shape": [m.out_features, m.in_features], "layout": list(codes.shape),
-                        "bias": m.bias is not None, "padding_idx": getattr(m, "padding_idx", None)}
+                        "bias": m.bias is not None, "padding_idx": getattr(m, "padding_idx", None), "conv1d": m.conv1d}
     owned = tuple(k for name in qmods for k in _owned_keys(name))
     seen, tied = {}, {}
     for key, t in model.state_dict(keep_vars=False).items():
@@ -58,7 +62,10 @@ def export_tensors(model: torch.nn.Module):
             continue
         seen[ptr] = key
         tensors[key] = t.detach().contiguous()
-    return tensors, {"format": FORMAT, "layers": layers, "tied": tied}
+    config = {"format": FORMAT, "layers": layers, "tied": tied}
+    if hasattr(getattr(model, "config", None), "to_dict"):
+        config["model_config"] = model.config.to_dict()  # what load_quantized_model builds the architecture from
+    return tensors, config
 
 
 def quantized_size_bytes(model: torch.nn.Module) -> int:
@@ -98,19 +105,30 @@ def save_quantized(model: torch.nn.Module, folder: str, extra: dict | None = Non
     return folder
 
 
-@torch.no_grad()
-def load_quantized(model: torch.nn.Module, folder: str) -> torch.nn.Module:
-    """Load a checkpoint into `model`, a float model of the same architecture (its weights are
-    overwritten): the listed layers become QuantLinear with the saved codes and scales."""
+def read_config(folder: str) -> dict:
+    """The checkpoint's quant_config (layers, tied tensors, model_config when it has one)."""
     path = os.path.join(folder, "model.safetensors")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no quantized checkpoint at {path}")
     with safe_open(path, framework="pt") as f:
-        config = json.loads(f.metadata()["quant_config"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        config = json.loads((f.metadata() or {}).get("quant_config", "{}"))
     if config.get("format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} checkpoint")
+    return config
+
+
+@torch.no_grad()
+def load_quantized(model: torch.nn.Module, folder: str, kernels: bool = False) -> torch.nn.Module:
+    """Load a checkpoint into `model`, a float model of the same architecture (its weights are
+    overwritten): the listed layers become QuantLinear with the saved codes and scales. With
+    kernels=True, each layer that has an integer kernel (quant.kernels) is built straight from
+    its packed codes instead, never holding a float weight; the others stay QuantLinear."""
+    from .kernels import IntLayer, kernel_for
+    config = read_config(folder)
+    with safe_open(os.path.join(folder, "model.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     device = next(model.parameters()).device
+    owned = []
     for name, lc in config["layers"].items():
         try:
             module = model.get_submodule(name)
@@ -123,31 +141,43 @@ def load_quantized(model: torch.nn.Module, folder: str) -> torch.nn.Module:
         w_scheme = QScheme(**lc["weight"])
         a_scheme = QScheme(**lc["act"]) if lc["act"] else None
         out_f, in_f = lc["shape"]
-        zeros = torch.zeros(out_f, in_f, device=device, dtype=torch.float32)
-        if embedding:
-            q = QuantEmbedding(zeros, w_scheme, lc.get("padding_idx"), fit_weight=False)
-        else:
-            q = QuantLinear(zeros, torch.zeros(out_f, device=device) if lc["bias"] else None, w_scheme, a_scheme,
-                            fit_weight=False)
+        weight_quant = Quantizer(w_scheme)
         scale = tensors.pop(f"{name}.weight_scale").to(device)
         zp_key = f"{name}.weight_zero_point"
         zp = (tensors.pop(zp_key).float() + w_scheme.qmin) if zp_key in tensors else \
             torch.full_like(scale, float(w_scheme.zero_point_int))
-        q.weight_quant.set_qparams(scale, zp.to(device))
+        weight_quant.set_qparams(scale, zp.to(device))
+        act_quant = None if a_scheme is None else Quantizer(a_scheme)
+        if a_scheme is not None and not a_scheme.dynamic:
+            act_quant.set_qparams(tensors.pop(f"{name}.act_scale").to(device), tensors.pop(f"{name}.act_zero_point").to(device))
         numel = 1
         for d in lc["layout"]:
             numel *= d
-        codes = unpack(tensors.pop(f"{name}.qweight"), w_scheme.bits, numel).to(torch.int16) + w_scheme.qmin
-        q.weight.data = q.weight_quant.dequantize(codes.reshape(lc["layout"]).to(device), torch.Size(lc["shape"]))
+        codes = unpack(tensors.pop(f"{name}.qweight"), w_scheme.bits, numel).to(device).to(torch.int16) + w_scheme.qmin
+        codes = codes.reshape(lc["layout"])
+        bias = tensors.get(f"{name}.bias")
+        if kernels and not embedding:
+            layer = IntLayer(codes, weight_quant, act_quant, None if bias is None else bias.to(device), in_f, out_f)
+            cls, _ = kernel_for(layer)
+            if cls is not None:
+                replace_module(model, name, cls(layer))
+                owned.append(f"{name}.")  # the kernel's own buffers come from the codes, not the file
+                continue
+        weight = weight_quant.dequantize(codes, torch.Size(lc["shape"]))
+        if embedding:
+            q = QuantEmbedding(weight, w_scheme, lc.get("padding_idx"), fit_weight=False)
+        else:
+            q = QuantLinear(weight, torch.zeros(out_f, device=device) if lc["bias"] else None, w_scheme, a_scheme,
+                            fit_weight=False)
+            q.conv1d = lc.get("conv1d", False)
+        q.weight_quant, q.act_quant = weight_quant, act_quant
         q.weight.requires_grad_(False)
-        if a_scheme is not None and not a_scheme.dynamic:
-            q.act_quant.set_qparams(tensors.pop(f"{name}.act_scale").to(device), tensors.pop(f"{name}.act_zero_point").to(device))
         replace_module(model, name, q)
+        owned += _owned_keys(name)
     for alias, source in config["tied"].items():
         tensors[alias] = tensors[source]
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    owned = tuple(k for name in config["layers"] for k in _owned_keys(name))
-    missing = [k for k in missing if not k.startswith(owned)]
+    missing = [k for k in missing if not k.startswith(tuple(owned))]
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model

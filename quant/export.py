@@ -19,6 +19,7 @@ import tempfile
 import torch
 import torch.nn as nn
 
+from .arch import in_out, is_conv1d, is_linear
 from .modules import QuantEmbedding, quant_modules, replace_module
 from .scheme import QScheme
 
@@ -42,26 +43,68 @@ def _ct_args(s: QScheme):
                             group_size=s.group_size, dynamic=s.dynamic)
 
 
-def compressed_tensors_problems(model: nn.Module) -> list:
-    """Why the model's quantization cannot be written as compressed-tensors (empty if it can)."""
-    problems = []
-    for name, q in quant_modules(model).items():
-        w = q.weight_quant.scheme
-        a = q.act_quant.scheme if q.act_quant is not None else None
-        if isinstance(q, QuantEmbedding):
-            problems.append(f"{name}: quantized embeddings (transformers and vLLM load quantized Linear layers only)")
-        elif q.conv1d:
-            problems.append(f"{name}: a GPT-2 Conv1D layer (compressed-tensors quantizes nn.Linear, whose weight is (out, in))")
-        elif w.granularity == "channel" and w.axis not in (0, -2):
-            problems.append(f"{name}: per-channel weights along axis {w.axis} (the format has per-output-channel only)")
-        elif w.granularity == "group" and q.in_features % w.group_size:
-            problems.append(f"{name}: in_features {q.in_features} is not a multiple of group {w.group_size} "
-                            f"(the format has no padded last group; use a group that divides it, or per-channel)")
-        elif a is not None and (a.bits != 8 or w.bits != 8):
-            problems.append(f"{name}: W{w.bits}A{a.bits} (the format's integer activations are W8A8)")
-        if problems:
-            break  # one line: the first layer that cannot be written says why
-    return problems
+def _layers(model: nn.Module, recipe=None) -> list:
+    """(name, weight scheme, activation scheme, in_features, conv1d, embedding) of each layer that is
+    quantized: read off a quantized model, or, given a recipe, what it will quantize in a float model
+    (so that a run can refuse an export before it quantizes anything)."""
+    if recipe is None:
+        return [(n, q.weight_quant.scheme, q.act_quant.scheme if q.act_quant is not None else None, q.in_features,
+                 q.conv1d, isinstance(q, QuantEmbedding)) for n, q in quant_modules(model).items()]
+    from .modules import _matches, layer_scheme
+    out = []
+    for n, m in model.named_modules():
+        embedding = isinstance(m, nn.Embedding)
+        if not n or not (is_linear(m) or (embedding and recipe.embeddings)):
+            continue
+        if _matches(n, recipe.skip) and not recipe.embeddings:
+            continue
+        in_f = m.weight.shape[1] if embedding else in_out(m)[0]
+        w = layer_scheme(recipe.weight, in_f) if recipe.group_fallback else recipe.weight
+        out.append((n, w, None if embedding else recipe.activation, in_f, is_conv1d(m), embedding))
+    return out
+
+
+def _ct_problem(name, w: QScheme, a: QScheme | None, in_features: int, conv1d: bool, embedding: bool):
+    if embedding:
+        return f"{name}: quantized embeddings (transformers and vLLM load quantized Linear layers only)"
+    if conv1d:
+        return f"{name}: a GPT-2 Conv1D layer (compressed-tensors quantizes nn.Linear, whose weight is (out, in))"
+    if w.granularity == "channel" and w.axis not in (0, -2):
+        return f"{name}: per-channel weights along axis {w.axis} (the format has per-output-channel only)"
+    if w.granularity == "group" and in_features % w.group_size:
+        return (f"{name}: in_features {in_features} is not a multiple of group {w.group_size} "
+                f"(the format has no padded last group; use a group that divides it, or per-channel)")
+    if a is not None and (a.bits != 8 or w.bits != 8):
+        return f"{name}: W{w.bits}A{a.bits} (the format's integer activations are W8A8)"
+    if a is not None and a.dynamic and a.symmetric:
+        return (f"{name}: symmetric per-token activations (compressed-tensors scales them by absmax / 127.5, "
+                f"this scheme by absmax / 127: the loaded model would compute something else)")
+    return None
+
+
+def _gguf_problem(model: nn.Module, layers: list):
+    cfg = getattr(model, "config", None)
+    if cfg is None or cfg.model_type != "llama":
+        return f"GGUF export covers the Llama architecture, this is {getattr(cfg, 'model_type', type(model).__name__)!r}"
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        return f"rope scaling {rope.get('rope_type')!r} is not written by this exporter"
+    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        return "Llama layers with biases are not written by this exporter"
+    if any(a is not None for _, _, a, *_ in layers):
+        return "GGUF holds quantized weights only, and this model quantizes activations (llama.cpp picks its own)"
+    return None
+
+
+def export_problem(model: nn.Module, fmt: str, recipe=None) -> str | None:
+    """Why `model` (quantized, or float with the `recipe` it will get) cannot be exported as `fmt`,
+    in one line; None when it can."""
+    layers = _layers(model, recipe)
+    if fmt == "gguf":
+        return _gguf_problem(model, layers)
+    if fmt != "compressed-tensors":
+        raise ValueError(f"export format must be one of {FORMATS}, got {fmt!r}")
+    return next((p for p in (_ct_problem(*layer) for layer in layers) if p), None)
 
 
 def _atomic_folder(folder: str):
@@ -80,9 +123,9 @@ def _commit_folder(tmp: str, folder: str) -> None:
 def save_compressed_tensors(model: nn.Module, folder: str, tokenizer=None) -> dict:
     """Write `model` (quantized by quantize_model) as a compressed-tensors folder loadable by
     `AutoModelForCausalLM.from_pretrained(folder)`. Returns {format, path, bytes}."""
-    problems = compressed_tensors_problems(model)
-    if problems:
-        raise ExportError(f"cannot export as compressed-tensors: {problems[0]}")
+    problem = export_problem(model, "compressed-tensors")
+    if problem:
+        raise ExportError(f"cannot export as compressed-tensors: {problem}")
     from compressed_tensors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, apply_quantization_config
 
@@ -127,7 +170,10 @@ def save_compressed_tensors(model: nn.Module, folder: str, tokenizer=None) -> di
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     weights = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors")]
-    return {"format": "compressed-tensors", "path": folder, "bytes": sum(os.path.getsize(f) for f in weights)}
+    asym = [w for w, _ in groups if not w.symmetric]
+    notes = ("asymmetric packed zero points: transformers loads them with CompressedTensorsConfig(dequantize=True) "
+             "(its default path mis-sizes them)") if asym and not w8a8 else ""
+    return {"format": "compressed-tensors", "path": folder, "bytes": sum(os.path.getsize(f) for f in weights), "notes": notes}
 
 
 def safetensors_data_bytes(path: str) -> int:
@@ -173,16 +219,22 @@ def _llama_permute(w, n_head: int):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_problems(model: nn.Module) -> list:
-    cfg = getattr(model, "config", None)
-    if cfg is None or cfg.model_type != "llama":
-        return [f"GGUF export covers the Llama architecture, this is {getattr(cfg, 'model_type', type(model).__name__)!r}"]
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        return [f"rope scaling {rope.get('rope_type')!r} is not written by this exporter"]
-    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
-        return ["Llama layers with biases are not written by this exporter"]
-    return []
+_NOT_SPM = ("the tokenizer is not SentencePiece-style (byte-fallback BPE), the kind this exporter converts; "
+            "for a byte-level BPE model, start from its GGUF file (--gguf_file or pkg:...), whose tokenizer is copied")
+
+
+def gguf_tokenizer_problem(tokenizer) -> str | None:
+    """Why a Hugging Face tokenizer cannot be written into a GGUF file (None if it can)."""
+    from pathlib import Path
+
+    import gguf
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        try:
+            gguf.LlamaHfVocab(Path(tmp))
+        except (FileNotFoundError, TypeError, KeyError):
+            return _NOT_SPM
+    return None
 
 
 def _tokenizer_fields(writer, tokenizer, source_gguf: str | None) -> None:
@@ -202,9 +254,8 @@ def _tokenizer_fields(writer, tokenizer, source_gguf: str | None) -> None:
         tokenizer.save_pretrained(tmp)
         try:
             vocab = gguf.LlamaHfVocab(Path(tmp))
-        except (FileNotFoundError, TypeError):
-            raise ExportError("cannot export as GGUF: the tokenizer is not SentencePiece-style (byte-fallback BPE); "
-                              "for a byte-level BPE model, start from its GGUF file (--gguf_file or pkg:...)") from None
+        except (FileNotFoundError, TypeError, KeyError):
+            raise ExportError(f"cannot export as GGUF: {_NOT_SPM}") from None
         tokens, scores, types = zip(*vocab.all_tokens())
         writer.add_tokenizer_model("llama")
         writer.add_token_list(list(tokens))
@@ -226,9 +277,9 @@ def save_gguf(model: nn.Module, path: str, qtype: str, tokenizer=None, source_gg
     import numpy as np
     if qtype not in GGUF_TYPES:
         raise ExportError(f"GGUF type must be one of {GGUF_TYPES}, got {qtype!r}")
-    problems = gguf_problems(model)
-    if problems:
-        raise ExportError(f"cannot export as GGUF: {problems[0]}")
+    problem = export_problem(model, "gguf")
+    if problem:
+        raise ExportError(f"cannot export as GGUF: {problem}")
     cfg = model.config
     qmods = quant_modules(model)
     ggml_type = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[qtype]

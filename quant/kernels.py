@@ -18,13 +18,34 @@ Each computes the same function as the fake-quantized layer it replaces, up to f
 """
 import warnings
 import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from .modules import QuantLinear, quant_modules, replace_module
+from .modules import Quantizer, QuantLinear, quant_modules, replace_module
 
 INT4_GROUPS = (32, 64, 128, 256)
+
+
+@dataclass
+class IntLayer:
+    """A quantized linear layer as integers: what the kernels are built from, either from a
+    QuantLinear (`of`) or straight from a checkpoint's packed codes (no float weight on the way)."""
+    codes: torch.Tensor  # integer codes, laid out as the weight scheme lays out (out, in)
+    weight_quant: Quantizer
+    act_quant: Quantizer | None
+    bias: torch.Tensor | None
+    in_features: int
+    out_features: int
+
+    @classmethod
+    def of(cls, q: QuantLinear) -> "IntLayer":
+        return cls(q.weight_quant.int_repr(q.weight), q.weight_quant, q.act_quant, q.bias, q.in_features, q.out_features)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.codes.is_cuda
 
 
 class Int8WeightOnlyLinear(nn.Module):
@@ -36,10 +57,10 @@ class Int8WeightOnlyLinear(nn.Module):
     ~1.3x of the float layer's time on CPU, exact up to float rounding)."""
     DECODE_ROWS = 8
 
-    def __init__(self, q: QuantLinear):
+    def __init__(self, q: IntLayer):
         super().__init__()
-        self.register_buffer("weight_int8", q.weight_quant.int_repr(q.weight).contiguous())
-        self.register_buffer("scale", q.weight_quant.scale.reshape(-1).to(q.weight.dtype).contiguous())
+        self.register_buffer("weight_int8", q.codes.to(torch.int8).contiguous())
+        self.register_buffer("scale", q.weight_quant.scale.reshape(-1).float().contiguous())
         self.bias = None if q.bias is None else nn.Parameter(q.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x):
@@ -54,17 +75,17 @@ class Int8WeightOnlyLinear(nn.Module):
 
 
 class Int4WeightOnlyLinear(nn.Module):
-    def __init__(self, q: QuantLinear, inner_k_tiles: int = 2):
+    def __init__(self, q: IntLayer, inner_k_tiles: int = 2):
         super().__init__()
         s = q.weight_quant.scheme
         self.group_size = s.group_size
-        codes = q.weight_quant.int_repr(q.weight).reshape(q.out_features, q.in_features).to(torch.int32)
+        codes = q.codes.reshape(q.out_features, q.in_features).to(torch.int32)
         # the kernel computes w = (u - 8) * scale + zero with u in [0, 16); ours is (q - zp) * scale.
         # With u = q - qmin: (q - zp) * scale = (u - 8) * scale + (8 + qmin - zp) * scale.
         u = codes - s.qmin
         scale = q.weight_quant.scale.reshape(q.out_features, -1).float()
         zero = (8 + s.qmin - q.weight_quant.zero_point.reshape(q.out_features, -1).float()) * scale
-        if q.weight.is_cuda:  # (the two kernels pack differently)
+        if q.is_cuda:  # (the two kernels pack differently)
             packed_u8 = (u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8)
             self.register_buffer("weight_int4", torch._convert_weight_to_int4pack(packed_u8, inner_k_tiles))
         else:
@@ -127,9 +148,9 @@ def quantize_per_token(x2: torch.Tensor):
 
 
 class Int8DynamicLinear(nn.Module):
-    def __init__(self, q: QuantLinear):
+    def __init__(self, q: IntLayer):
         super().__init__()
-        self.register_buffer("weight_int8_t", q.weight_quant.int_repr(q.weight).t().contiguous())  # (in, out)
+        self.register_buffer("weight_int8_t", q.codes.to(torch.int8).t().contiguous())  # (in, out)
         self.register_buffer("scale", q.weight_quant.scale.reshape(1, -1).float().contiguous())
         self.bias = None if q.bias is None else nn.Parameter(q.bias.detach().clone(), requires_grad=False)
 
@@ -162,12 +183,12 @@ class Int8StaticLinear(nn.Module):
     computes, except that the producer rounds y / s_next from its own float epilogue: a code can
     differ by one where y / s_next lies within float error of a tie."""
 
-    def __init__(self, q: QuantLinear):
+    def __init__(self, q: IntLayer):
         super().__init__()
         a = q.act_quant.scheme
         self.x_scale = float(q.act_quant.scale)
         self.x_zero_point = int(q.act_quant.zero_point) - a.qmin - 128  # zc, on the int8 grid
-        codes = q.weight_quant.int_repr(q.weight).reshape(q.out_features, q.in_features).to(torch.int8)
+        codes = q.codes.reshape(q.out_features, q.in_features).to(torch.int8)
         w_scale = q.weight_quant.scale.reshape(-1).float()
         self.register_buffer("weight_int8", codes.contiguous())
         self.register_buffer("weight_scale", w_scale.contiguous())
@@ -196,13 +217,13 @@ class Int8StaticLinear(nn.Module):
         return y.to(x.dtype if x.is_floating_point() else torch.float32).reshape(*shape, -1)
 
 
-def kernel_for(q: QuantLinear):
+def kernel_for(q: IntLayer):
     """(module class, None) for a layer that has an integer kernel, else (None, reason)."""
     w, a = q.weight_quant.scheme, q.act_quant.scheme if q.act_quant is not None else None
     int8_channel = w.bits == 8 and w.symmetric and w.signed and w.granularity == "channel" and w.axis in (0, -2)
     if a is not None:
         if a.bits == 8 and a.granularity == "tensor" and not a.dynamic:
-            if q.weight.is_cuda:
+            if q.is_cuda:
                 return None, "the static int8 kernel runs on CPU (on CUDA use per-token dynamic activations)"
             if not int8_channel:
                 return None, f"no W{w.bits}A8 static kernel for weights {w.describe()}"
@@ -213,7 +234,7 @@ def kernel_for(q: QuantLinear):
             return None, f"no kernel for activations {a.describe()} (needs int8 per-token symmetric or per-tensor static)"
         if not int8_channel:
             return None, f"no W{w.bits}A8 kernel for weights {w.describe()}"
-        if q.weight.is_cuda and (q.in_features % 8 or q.out_features % 8):
+        if q.is_cuda and (q.in_features % 8 or q.out_features % 8):
             return None, f"the CUDA int8 GEMM needs in and out features divisible by 8, got {q.in_features}, {q.out_features}"
         return Int8DynamicLinear, None
     if int8_channel:
@@ -239,11 +260,12 @@ def convert_to_int(model: nn.Module, chain: dict | None = None) -> dict:
     as they are). Returns {name: kernel class name, or 'fake-quant: <reason>'}."""
     report = {}
     for name, q in quant_modules(model).items():
-        cls, reason = kernel_for(q)
+        layer = IntLayer.of(q)
+        cls, reason = kernel_for(layer)
         if cls is None:
             report[name] = f"fake-quant: {reason}"
             continue
-        replace_module(model, name, cls(q))
+        replace_module(model, name, cls(layer))
         report[name] = cls.__name__
     for producer, consumer in (chain or {}).items():
         p, c = model.get_submodule(producer), model.get_submodule(consumer)

@@ -85,7 +85,6 @@ def test_save_reload_bit_identical_logits(stories, tiny_gpt2, tmp_path, w, a, em
         with torch.no_grad():
             logits = model(ids).logits
         folder = save_quantized(model, str(tmp_path / os.path.basename(source)))
-        model.config.save_pretrained(folder)
         from transformers import AutoTokenizer
         AutoTokenizer.from_pretrained(source).save_pretrained(folder)
         reloaded, _ = load_quantized_model(folder)
