@@ -4,6 +4,7 @@ checksummed, rebuilt into exactly the hub's rows, else the `Salesforce/wikitext`
 calibration windows and batched perplexity."""
 import importlib.util
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -274,5 +275,7 @@ def load_exported(fmt: str, path: str, device: str, dtype: torch.dtype = torch.f
         asym_packed = qc.get("format") == "pack-quantized" and any(
             not g["weights"]["symmetric"] for g in qc["config_groups"].values())
         kw = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if asym_packed else {}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+        with warnings.catch_warnings():  # ("the model already has a quantization_config": we override only dequantize)
+            warnings.simplefilter("ignore", UserWarning)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
     return model.to(device).eval()
