@@ -265,7 +265,8 @@ def load_exported(fmt: str, path: str, device: str, dtype: torch.dtype = torch.f
     compressed-tensors bug, vllm-project/llm-compressor#1618), the dequantizing path reads them right."""
     from transformers import AutoModelForCausalLM
     if fmt.startswith("gguf"):
-        model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype,
+                                                     device_map={"": device})
     else:
         import json
 
@@ -277,5 +278,5 @@ def load_exported(fmt: str, path: str, device: str, dtype: torch.dtype = torch.f
         kw = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if asym_packed else {}
         with warnings.catch_warnings():  # ("the model already has a quantization_config": we override only dequantize)
             warnings.simplefilter("ignore", UserWarning)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
-    return model.to(device).eval()
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device}, **kw)
+    return model.eval()  # (placed by device_map: .to() leaves a dequantized compressed-tensors model where it is)

@@ -130,6 +130,11 @@ def save_compressed_tensors(model: nn.Module, folder: str, tokenizer=None) -> di
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, apply_quantization_config
 
     out = copy.deepcopy(model)
+    # a model read from a GGUF file was dequantized on load: it is a float model now, and
+    # transformers refuses to save one that still names its GGUF quantizer
+    out.hf_quantizer = None
+    if hasattr(out.config, "quantization_config"):
+        del out.config.quantization_config
     groups, params = {}, {}
     for name, q in quant_modules(out).items():
         w = q.weight_quant.scheme
@@ -262,6 +267,10 @@ def _tokenizer_fields(writer, tokenizer, source_gguf: str | None) -> None:
         writer.add_token_scores(list(scores))
         writer.add_token_types(list(types))
         gguf.SpecialVocab(Path(tmp), load_merges=False, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+        # whether encoding adds BOS / EOS, as the tokenizer does it (its post-processor, not always its config)
+        ids = tokenizer("a").input_ids
+        writer.add_add_bos_token(tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id])
+        writer.add_add_eos_token(tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id])
 
 
 @torch.no_grad()
