@@ -269,8 +269,11 @@ def _tokenizer_fields(writer, tokenizer, source_gguf: str | None) -> None:
         gguf.SpecialVocab(Path(tmp), load_merges=False, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
         # whether encoding adds BOS / EOS, as the tokenizer does it (its post-processor, not always its config)
         ids = tokenizer("a").input_ids
-        writer.add_add_bos_token(tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id])
-        writer.add_add_eos_token(tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id])
+        written = {key for kv in writer.kv_data for key in kv}
+        if "tokenizer.ggml.add_bos_token" not in written:
+            writer.add_add_bos_token(tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id])
+        if "tokenizer.ggml.add_eos_token" not in written:
+            writer.add_add_eos_token(tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id])
 
 
 @torch.no_grad()
