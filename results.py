@@ -103,6 +103,9 @@ def append_rows(path: str, rows: list[dict]) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             new.to_csv(f, index=False)
+        umask = os.umask(0)  # mkstemp made it owner-only; give it what a plain open() would have
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -84,6 +84,14 @@ def float_size_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def default_mode(path: str) -> None:
+    """Give a file or folder made by tempfile (owner-only, 0600 / 0700) the permissions a plain
+    open() or mkdir would have given it under the user's umask, before it is renamed into place."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
+
+
 def save_quantized(model: torch.nn.Module, folder: str, extra: dict | None = None) -> str:
     """Write the checkpoint folder atomically (built in a temporary folder, then renamed)."""
     tensors, config = export_tensors(model)
@@ -96,6 +104,7 @@ def save_quantized(model: torch.nn.Module, folder: str, extra: dict | None = Non
                   metadata={"quant_config": json.dumps(config)})
         with open(os.path.join(tmp, "quant_config.json"), "w") as f:
             json.dump(config, f, indent=1)
+        default_mode(tmp)
         if os.path.exists(folder):
             shutil.rmtree(folder)
         os.replace(tmp, folder)

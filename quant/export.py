@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .arch import in_out, is_conv1d, is_linear
+from .checkpoint import default_mode
 from .modules import QuantEmbedding, quant_modules, replace_module
 from .scheme import QScheme
 
@@ -114,6 +115,7 @@ def _atomic_folder(folder: str):
 
 
 def _commit_folder(tmp: str, folder: str) -> None:
+    default_mode(tmp)
     if os.path.exists(folder):
         shutil.rmtree(folder)
     os.replace(tmp, folder)
@@ -361,6 +363,7 @@ def save_gguf(model: nn.Module, path: str, qtype: str, tokenizer=None, source_gg
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+        default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -223,3 +223,20 @@ def test_ptq_llm_refuses_an_export_before_quantizing(tmp_path):
                       "--no_progress", "--seq_len", "64", "--eval_samples", "2", "--bits", "4", "--group_size", "32",
                       "--act", "none", "--export", "compressed-tensors"])
     assert not os.path.exists(tmp_path / "ptq_llm.csv")
+
+
+def test_artefacts_get_the_permissions_of_the_umask(data, tmp_path):
+    """Files are built under temporary names (owner-only) and renamed into place: they must end
+    with the permissions a plain open() would give, readable by whoever else reads models/."""
+    from results import append_rows
+    tok, calib, _ = data
+    model = quantized(Recipe(weight=sym(4, 4)), calib)
+    old = os.umask(0o022)
+    try:
+        made = [save_gguf(model, str(tmp_path / "m.gguf"), "q4_0", tok)["path"],
+                save_compressed_tensors(model, str(tmp_path / "ct"), tok)["path"], save_quantized(model, str(tmp_path / "own"))]
+        append_rows(str(tmp_path / "rows.csv"), [{"a": 1}])
+    finally:
+        os.umask(old)
+    modes = {os.path.basename(p): oct(os.stat(p).st_mode & 0o777) for p in made + [str(tmp_path / "rows.csv")]}
+    assert modes == {"m.gguf": "0o644", "ct": "0o755", "own": "0o755", "rows.csv": "0o644"}
