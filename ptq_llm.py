@@ -15,6 +15,9 @@ scales (from the --observers) or dynamic per-token activations. Each runs with e
   smoothquant  SmoothQuant (each --sq_alpha) folded into the norms and up_proj, then RTN; --act static/dynamic only
 The block-by-block methods calibrate each decoder block on the outputs of the already-quantized
 blocks before it (peak memory: one block plus one layer's calibration activations).
+With --export, each quantized model is also written as a compressed-tensors folder and / or a
+GGUF file, loaded back through that format's own loader and scored on the same windows
+(docs/exports.md).
 
     python main.py --model_name=distilgpt2 --calib_samples=200 --seq_len=128
 """

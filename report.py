@@ -368,12 +368,14 @@ def fakequant(df, out_dir):
 def exports(df, out_dir):
     """One line per exported file: our perplexity beside the one its format's loader gives."""
     df = llm_rows(df)
-    df = df[(df.method != "fp32") & df.export_format.notna()]
+    df = df[(df.method != "fp32") & df.export_format.notna()].sort_values("label", kind="stable")
+    df["export_notes"] = df.export_notes.fillna("")
     lines = []
     for r in df.itertuples():
-        fields = {k: str(getattr(r, k)).split(";") for k in
-                  ("export_format", "export_perplexity", "export_max_logit_diff", "export_bytes", "export_notes")}
-        for fmt, ppl, diff, size, notes in zip(*fields.values()):
+        n = len(str(r.export_format).split(";"))  # one value per format, ';'-separated (notes may hold '; ' themselves)
+        fields = [str(getattr(r, k)).split(";", n - 1) for k in
+                  ("export_format", "export_perplexity", "export_max_logit_diff", "export_bytes", "export_notes")]
+        for fmt, ppl, diff, size, notes in zip(*fields):
             lines.append({"model": r.label, "setting": r.setting, "algorithm": r.algorithm, "format": fmt,
                           "perplexity": r.perplexity, "through its loader": float(ppl),
                           "difference %": 100 * (float(ppl) - r.perplexity) / r.perplexity, "max logit diff": float(diff),

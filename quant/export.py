@@ -369,4 +369,4 @@ def save_gguf(model: nn.Module, path: str, qtype: str, tokenizer=None, source_gg
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    return {"format": f"gguf-{qtype}", "path": path, "bytes": os.path.getsize(path), "notes": "; ".join(notes)}
+    return {"format": f"gguf-{qtype}", "path": path, "bytes": os.path.getsize(path), "notes": ", ".join(notes)}
