@@ -23,10 +23,12 @@ GGUF file, loaded back through that format's own loader and scored on the same w
 """
 import argparse
 import copy
+import math
 import os
 import re
 import time
 
+import numpy as np
 import torch
 
 from cli import (
@@ -47,6 +49,7 @@ from llm import (
     calib_windows,
     context_length,
     eval_windows,
+    evaluate,
     load_exported,
     load_model,
     load_tokenizer,
@@ -59,6 +62,7 @@ from quant import QScheme, Recipe, float_size_bytes, quant_modules, quantize_mod
 from quant.export import FORMATS as EXPORT_FORMATS
 from quant.export import export_problem, gguf_tokenizer_problem, save_compressed_tensors, save_gguf
 from results import Results, code_version, environment, settings_id, timestamp
+from stats import bootstrap_mean
 
 EXPERIMENT = "ptq_llm"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -205,6 +209,26 @@ def export(qmodel, fmt, stem, tok, source_gguf, windows, args, device, dtype) ->
                 export_perplexity=exported_ppl, export_max_logit_diff=round(diff, 6), export_notes=info["notes"])
 
 
+REFERENCE_K = 32  # top tokens and tail draws kept per position of the float pass (llm.FloatReference)
+
+
+def intervals(ev: dict, fp32_ev: dict | None) -> dict:
+    """A row's 95 % intervals, bootstrapped over the evaluation windows (stats.py says why windows):
+    perplexity; against the float pass, the mean per-token KL divergence (and its 99th percentile),
+    top-1 agreement and the paired ln(perplexity / float perplexity)."""
+    lo, hi = bootstrap_mean(ev["window_nll"])
+    out = dict(ppl_ci_low=math.exp(lo), ppl_ci_high=math.exp(hi))
+    if "kld_tokens" in ev:
+        lo, hi = bootstrap_mean(ev["kld_window"])
+        out.update(kld=float(ev["kld_tokens"].mean()), kld_ci_low=lo, kld_ci_high=hi,
+                   kld_p99=float(np.quantile(ev["kld_tokens"], 0.99)), top1_agree=ev["top1_agree"])
+    if fp32_ev is not None:
+        d = ev["window_nll"] - fp32_ev["window_nll"]
+        lo, hi = bootstrap_mean(d)
+        out.update(ln_ppl_ratio=float(d.mean()), ln_ppl_ratio_ci_low=lo, ln_ppl_ratio_ci_high=hi)
+    return out
+
+
 def qmodel_bits(qmodel) -> int:
     return max(m.weight_quant.scheme.bits for m in quant_modules(qmodel).values())
 
@@ -261,7 +285,7 @@ def main(argv=None):
                 seq_len=args.seq_len, eval_tokens=eval_tokens, fp32_size_bytes=fp32_size, seed=args.seed, code=code_version(),
                 device=device, dtype=args.dtype, quantize_embeddings=args.quantize_embeddings, **environment(device))
 
-    fp32_ppl = None
+    fp32_ppl, fp32_eval = None, None
 
     def record(row):  # each row lands as soon as it exists: a later failure loses nothing
         row.update(peak_rss_mb=peak_rss_mb(), peak_gpu_mb=peak_gpu_mb(device), **base)
@@ -269,10 +293,14 @@ def main(argv=None):
 
     if not args.skip_fp32:
         t0 = time.time()
-        fp32_ppl = perplexity(model, windows, args.batch_size, device, progress, desc="eval fp32")
+        # the float pass keeps its next-token distributions for the KL divergence of every row after it
+        fp32_eval = evaluate(model, windows, args.batch_size, device, progress, desc="eval fp32", keep_reference=REFERENCE_K)
+        fp32_ppl = fp32_eval["perplexity"]
         record(dict(timestamp=timestamp(), method="fp32", w_bits=32, a_bits=32, act="none", observer="", w_observer="",
                     granularity="", group_size=None, perplexity=fp32_ppl, fp32_perplexity=fp32_ppl, size_bytes=fp32_size,
-                    seconds=round(time.time() - t0, 2), notes="", recipe="", recipe_id="fp32"))
+                    seconds=round(time.time() - t0, 2), notes="", recipe="", recipe_id="fp32",
+                    **intervals(fp32_eval, None), kld=0.0, kld_ci_low=0.0, kld_ci_high=0.0, kld_p99=0.0, top1_agree=1.0,
+                    ln_ppl_ratio=0.0, ln_ppl_ratio_ci_low=0.0, ln_ppl_ratio_ci_high=0.0))
         print(f"FP32 perplexity {fp32_ppl:.3f}  ({fp32_size} bytes)")
 
     for recipe in recipes:
@@ -291,7 +319,9 @@ def main(argv=None):
         fallback = [n for n, sch in schemes.items() if sch.granularity != w_scheme.granularity]
         notes = f"per-channel for {len(fallback)} layers with inputs < group {args.group_size}" if fallback else ""
         t_quant = time.time() - t0
-        ppl = perplexity(qmodel, windows, args.batch_size, device, progress, desc=f"eval {method} W{w_bits} {act}")
+        q_eval = evaluate(qmodel, windows, args.batch_size, device, progress, desc=f"eval {method} W{w_bits} {act}",
+                          reference=fp32_eval["reference"] if fp32_eval else None)
+        ppl = q_eval["perplexity"]
         size = quantized_size_bytes(qmodel)
         label = recipe.describe()
         row = dict(timestamp=timestamp(), method=method, w_bits=w_bits, a_bits=args.a_bits if act != "none" else 32,
@@ -299,7 +329,7 @@ def main(argv=None):
                    w_symmetric=w_scheme.symmetric, group_size=w_scheme.group_size, perplexity=ppl,
                    fp32_perplexity=fp32_ppl, size_bytes=size, quant_seconds=round(t_quant, 2),
                    seconds=round(time.time() - t0, 2), notes=notes, method_args=method_args(recipe),
-                   recipe=recipe.to_json(), recipe_id=recipe.id)
+                   recipe=recipe.to_json(), recipe_id=recipe.id, **intervals(q_eval, fp32_eval))
         # artefacts are named by everything that made them: the same name is the same model, never another one
         made_by = dict(model=args.model_name, recipe_id=recipe.id, calib_samples=args.calib_samples,
                        calib_split=calib_split, seq_len=args.seq_len, seed=args.seed, dtype=args.dtype)
