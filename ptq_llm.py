@@ -62,7 +62,7 @@ from quant import QScheme, Recipe, float_size_bytes, quant_modules, quantize_mod
 from quant.export import FORMATS as EXPORT_FORMATS
 from quant.export import export_problem, gguf_tokenizer_problem, save_compressed_tensors, save_gguf
 from results import Results, code_version, environment, settings_id, timestamp
-from stats import bootstrap_mean
+from stats import bootstrap_mean, encode
 
 EXPERIMENT = "ptq_llm"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -217,7 +217,7 @@ def intervals(ev: dict, fp32_ev: dict | None) -> dict:
     perplexity; against the float pass, the mean per-token KL divergence (and its 99th percentile),
     top-1 agreement and the paired ln(perplexity / float perplexity)."""
     lo, hi = bootstrap_mean(ev["window_nll"])
-    out = dict(ppl_ci_low=math.exp(lo), ppl_ci_high=math.exp(hi))
+    out = dict(ppl_ci_low=math.exp(lo), ppl_ci_high=math.exp(hi), window_nll=encode(ev["window_nll"]))
     if "kld_tokens" in ev:
         lo, hi = bootstrap_mean(ev["kld_window"])
         out.update(kld=float(ev["kld_tokens"].mean()), kld_ci_low=lo, kld_ci_high=hi,

@@ -17,6 +17,7 @@ import pandas as pd
 
 from cli import Parser, run
 from quant import QScheme, Recipe
+from stats import decode, paired, verdict
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -228,7 +229,27 @@ def llm_rows(df: pd.DataFrame) -> pd.DataFrame:
     df["order"] = [(r.method != "fp32", r.act != "none", -r.w_bits, not r.w_symmetric, r.act, r.method != "rtn", r.method)
                    for r in df.itertuples()]
     check_cells(df, SETTING + ["setting", "algorithm"], "ptq_llm")
+    df["95% CI"], df["vs FP32"], df["vs RTN"] = significance(df)
     return df.sort_values("order", kind="stable")
+
+
+def significance(df: pd.DataFrame):
+    """Per row: its perplexity interval; whether it differs from FP32 (the paired ln-ratio interval);
+    whether it differs from RTN of the same setting (a paired bootstrap over the shared windows).
+    'n.s.' = the 95 % interval of the difference contains zero. Empty for rows without intervals."""
+    ci, vs_fp32, vs_rtn = [], [], []
+    has = lambda col: col in df.columns  # noqa: E731
+    units = {i: decode(w) for i, w in df.window_nll.items()} if has("window_nll") else {}
+    key = lambda r: tuple(str(r[c]) for c in SETTING) + (r.setting,)  # noqa: E731  (same evaluation, same grid)
+    rtn = {key(r): units[i] for i, r in df.iterrows() if r.method == "rtn" and units.get(i) is not None}
+    for i, r in df.iterrows():
+        ci.append(f"{r.ppl_ci_low:.2f}–{r.ppl_ci_high:.2f}" if has("ppl_ci_low") and pd.notna(r.ppl_ci_low) else "")
+        vs_fp32.append(verdict(r.ln_ppl_ratio_ci_low, r.ln_ppl_ratio_ci_high)
+                       if r.method != "fp32" and has("ln_ppl_ratio_ci_low") and pd.notna(r.ln_ppl_ratio_ci_low) else "")
+        base = rtn.get(key(r)) if r.method not in ("fp32", "rtn") else None
+        ok = base is not None and units.get(i) is not None and len(base) == len(units[i])
+        vs_rtn.append(verdict(*paired(units[i], base)[1:]) if ok else "")
+    return ci, vs_fp32, vs_rtn
 
 
 def llm_plot(g: pd.DataFrame, label: str, path: str) -> None:
@@ -302,8 +323,14 @@ def ptq_llm(df, out_dir):
         # one table per evaluation setting: rows of other windows or calibration are not comparable
         for (_, seq_len, eval_tokens, _, _, seed), e in g.groupby(SETTING, sort=False, dropna=False):
             r = e.iloc[-1]
-            t = e[["setting", "algorithm", "perplexity", "Δppl", "size MB", "quant_seconds", "seconds", "device"]].rename(
-                columns={"quant_seconds": "quantize (s)", "seconds": "total (s)"})
+            cols = ["setting", "algorithm", "perplexity", "95% CI", "Δppl", "vs FP32", "vs RTN", "kld", "top1_agree",
+                    "size MB", "quant_seconds", "seconds", "device"]
+            cols = [c for c in cols if c in e.columns and e[c].replace("", pd.NA).notna().any()]  # no empty columns
+            t = e[cols].copy()
+            for col, fmt in (("kld", "{:.4f}"), ("top1_agree", "{:.1%}")):  # too small for the tables' two decimals
+                if col in t:
+                    t[col] = [fmt.format(v) if pd.notna(v) else "" for v in t[col]]
+            t = t.rename(columns={"quant_seconds": "quantize (s)", "seconds": "total (s)", "top1_agree": "top-1 agree"})
             parts.append(f"**{label}**, seq_len {int(seq_len)}, {int(eval_tokens)} evaluation tokens, "
                          f"{int(r.calib_samples)} calibration windows from the {r.calib_split} split, seed {int(seed)}; total time = "
                          f"quantize + calibrate + evaluate on the row's device.\n\n" + md(t))

@@ -5,6 +5,8 @@ Windows, not tokens, are the units: the tokens of one window share its context, 
 losses are correlated and a per-token interval would be too narrow; windows of the test split do
 not overlap, and are close to independent.
 """
+import base64
+
 import numpy as np
 
 RESAMPLES = 2000
@@ -25,3 +27,28 @@ def bootstrap_mean(units, resamples: int = RESAMPLES, seed: int = 0, level: floa
         means[start:start + len(idx)] = x[idx].mean(1)
     low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return float(low), float(high)
+
+
+def paired(a, b, **kw) -> tuple[float, float, float]:
+    """(mean, low, high) of a - b over the same units: the interval of a difference between two
+    models scored on the same windows, resampling the windows together."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    return (float(d.mean()), *bootstrap_mean(d, **kw))
+
+
+def verdict(low: float, high: float) -> str:
+    """How a difference's interval reads: 'n.s.' when it contains zero (not significant at 95 %)."""
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return ""
+    return "n.s." if low <= 0 <= high else ("higher" if low > 0 else "lower")
+
+
+def encode(units) -> str:
+    """Per-unit values as text for a CSV cell (float32, base64): what a later paired comparison needs."""
+    return base64.b64encode(np.asarray(units, dtype="<f4").tobytes()).decode("ascii")
+
+
+def decode(text) -> np.ndarray | None:
+    if not isinstance(text, str) or not text:
+        return None
+    return np.frombuffer(base64.b64decode(text), dtype="<f4").astype(np.float64)

@@ -1,6 +1,7 @@
 """main.py configs, atomic CSV appends and the report."""
 import os
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import DATA
@@ -150,3 +151,27 @@ def test_old_rows_get_their_recipe_rebuilt():
                               group_size=128, w_asym=True, w_observer="mse", a_bits=8, percentile=99.99,
                               quantize_embeddings=False)
     assert report.recipe_ids(row).iloc[0] == ptq_llm.recipe_for("gptq", None, 4, "none", "", args).id
+
+
+def test_report_marks_what_is_not_significant(tmp_path):
+    """Paired over the same windows: a method identical to RTN is 'n.s.' against it, one worse on
+    every window is 'higher'; against FP32 the row's own paired ln-ratio interval decides."""
+    from quant import QScheme, Recipe
+    from stats import encode
+    rng = np.random.default_rng(0)
+    base = rng.normal(4.0, 0.5, size=60)
+    w = QScheme(4, granularity="group", group_size=32)
+    recipes = {m: Recipe(weight=w, method=m) for m in ("rtn", "gptq", "awq")}
+    common = dict(w_bits=4, a_bits=32, act="none", observer="", granularity="group", group_size=32)
+    rows = [_llm_row(method="fp32", w_bits=32, a_bits=32, act="none", observer="", granularity="", perplexity=30.0,
+                     recipe_id="fp32", window_nll=encode(base - 0.1))]
+    for m, shift, ratio_ci in (("rtn", 0.0, (0.05, 0.15)), ("gptq", 0.0, (-0.01, 0.02)), ("awq", 0.3, (0.3, 0.5))):
+        rows.append(_llm_row(method=m, recipe_id=recipes[m].id, recipe=recipes[m].to_json(), window_nll=encode(base + shift),
+                             ppl_ci_low=29.0, ppl_ci_high=33.0, ln_ppl_ratio_ci_low=ratio_ci[0], ln_ppl_ratio_ci_high=ratio_ci[1],
+                             kld=0.01, top1_agree=0.9, **common))
+    df = report.llm_rows(pd.DataFrame(rows)).set_index("method")
+    assert df.loc["gptq", "vs RTN"] == "n.s." and df.loc["awq", "vs RTN"] == "higher" and df.loc["rtn", "vs RTN"] == ""
+    assert (df.loc["rtn", "vs FP32"], df.loc["gptq", "vs FP32"], df.loc["awq", "vs FP32"]) == ("higher", "n.s.", "higher")
+    assert df.loc["rtn", "95% CI"] == "29.00–33.00"
+    text = report.ptq_llm(pd.DataFrame(rows), str(tmp_path))
+    assert "vs RTN" in text and "n.s." in text and "top-1 agree" in text and "90.0%" in text
