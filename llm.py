@@ -251,11 +251,12 @@ class FloatReference:
         if self.gen is None:
             self.gen = torch.Generator(device=logp.device).manual_seed(self.seed)
         v, i = logp.topk(min(self.k, logp.shape[-1]), -1)
-        tail = logp.exp().scatter(-1, i, 0.0)
+        tail = logp.exp().scatter_(-1, i, 0.0)  # (in place: at a 49k vocabulary each full pass counts)
         rest = tail.sum(-1)
-        # rows with no tail left draw from the top instead (their weight, rest, is 0 anyway)
-        draws = torch.multinomial(torch.where(rest[:, None] > 0, tail, logp.exp()), self.m, replacement=True,
-                                  generator=self.gen)
+        empty = rest <= 0
+        if empty.any():  # no tail left (a vocabulary of K or fewer): draw anything, its weight is rest = 0
+            tail[empty] = 1.0
+        draws = torch.multinomial(tail, self.m, replacement=True, generator=self.gen)
         self.logp.append(v.cpu())
         self.idx.append(i.to(torch.int32).cpu())
         self.rest.append(rest.cpu())
