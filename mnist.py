@@ -95,11 +95,26 @@ class MLP(nn.Module):
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000) -> float:
+def predictions(model: nn.Module, x: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:
     model.eval()
-    correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
-                  for i in range(0, len(x), batch_size))
-    return 100.0 * correct / len(x)
+    return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000) -> float:
+    return 100.0 * int((predictions(model, x, batch_size) == y).sum()) / len(x)
+
+
+def scored(pred: torch.Tensor, y: torch.Tensor, fp32_pred: torch.Tensor) -> dict:
+    """A row's accuracy (%), its 95 % bootstrap interval over test images, and its flips against the
+    float model: the share of images whose predicted class changed (%), split into right -> wrong
+    and wrong -> right ("Accuracy is Not All You Need": accuracy can stay flat while answers move)."""
+    from stats import bootstrap_mean
+    right, fp32_right = (pred == y).numpy(), (fp32_pred == y).numpy()
+    lo, hi = bootstrap_mean(right)
+    return dict(accuracy=100.0 * int(right.sum()) / len(right), acc_ci_low=100 * lo, acc_ci_high=100 * hi,
+                flips=100.0 * float((pred != fp32_pred).double().mean()),
+                flips_right_to_wrong=100.0 * float((fp32_right & ~right).mean()),
+                flips_wrong_to_right=100.0 * float((~fp32_right & right).mean()))
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, seed: int,

@@ -15,7 +15,7 @@ import time
 import torch
 
 from cli import Parser, UsageError, add_common_args, check_writable, parse_with_config, percentile_type, run
-from mnist import accuracy, add_mnist_args, fp32_model, fp32_settings, load_mnist
+from mnist import add_mnist_args, fp32_model, fp32_settings, load_mnist, predictions, scored
 from quant import OBSERVERS, QScheme, Recipe, float_size_bytes, quantize_model, quantized_size_bytes, save_quantized
 from results import Results, code_version, environment, settings_id, timestamp
 
@@ -104,14 +104,16 @@ def main(argv=None):
 
     t0 = time.time()
     model = fp32_model(data, args)
-    fp32_acc, fp32_size = accuracy(model, test_x, test_y), float_size_bytes(model)
+    fp32_pred, fp32_size = predictions(model, test_x), float_size_bytes(model)
+    fp32_scores = scored(fp32_pred, test_y, fp32_pred)
+    fp32_acc = fp32_scores["accuracy"]
     common = dict(experiment=EXPERIMENT, calib_samples=args.calib_samples, fp32_accuracy=fp32_acc,
                   fp32_size_bytes=fp32_size, code=code_version(), test_images=len(test_x),
                   percentile=args.percentile, fp32_id=settings_id(fp32_settings(args)), **fp32_settings(args),
                   **environment())
     results.add(dict(timestamp=timestamp(), method="fp32", w_bits=32, a_bits=32, observer="", w_observer="",
-                 granularity="", accuracy=fp32_acc, size_bytes=fp32_size, seconds=round(time.time() - t0, 2), recipe="",
-                 recipe_id="fp32", **common))
+                 granularity="", size_bytes=fp32_size, seconds=round(time.time() - t0, 2), recipe="",
+                 recipe_id="fp32", **fp32_scores, **common))
     print(f"FP32 test accuracy {fp32_acc:.2f}% ({len(test_x)} images), {fp32_size} bytes")
 
     configs = [(b, g, o) for b in args.bits for g in args.granularity
@@ -121,11 +123,12 @@ def main(argv=None):
         w_scheme, a_scheme, a_bits = schemes(bits, args.a_bits, gran)
         recipe = recipe_for(w_scheme, a_scheme, observer, args)
         q = ptq(model, recipe, batches, not args.no_progress)
-        acc, size = accuracy(q, test_x, test_y), quantized_size_bytes(q)
+        scores, size = scored(predictions(q, test_x), test_y, fp32_pred), quantized_size_bytes(q)
+        acc = scores["accuracy"]
         results.add(dict(timestamp=timestamp(), method="ptq", w_bits=bits, a_bits=32 if a_bits == "none" else a_bits,
                          observer="" if observer == "none" else observer, w_observer=args.w_observer, granularity=gran,
-                         accuracy=acc, size_bytes=size, seconds=round(time.time() - t0, 2), recipe=recipe.to_json(),
-                         recipe_id=recipe.id, **common))
+                         size_bytes=size, seconds=round(time.time() - t0, 2), recipe=recipe.to_json(),
+                         recipe_id=recipe.id, **scores, **common))
         print(f"PTQ W{bits}A{a_bits} {gran:7s} {observer:10s} accuracy {acc:6.2f}%  size {size} bytes")
         if args.save_model:
             save_mlp(q, recipe, acc, args, EXPERIMENT, f"w{bits}a{a_bits}_{gran}_{observer}")

@@ -12,7 +12,7 @@ import copy
 import time
 
 from cli import Parser, add_common_args, check_writable, parse_with_config, positive_float, positive_int, run
-from mnist import accuracy, add_mnist_args, fp32_model, fp32_settings, load_mnist, train
+from mnist import accuracy, add_mnist_args, fp32_model, fp32_settings, load_mnist, predictions, scored, train
 from ptq_nn import add_ptq_args, calib_batches, ptq, recipe_for, save_mlp, schemes
 from quant import float_size_bytes, quant_modules, quantize_model, quantized_size_bytes
 from results import Results, code_version, environment, settings_id, timestamp
@@ -57,15 +57,17 @@ def main(argv=None):
 
     t0 = time.time()
     model = fp32_model(data, args)
-    fp32_acc, fp32_size = accuracy(model, test_x, test_y), float_size_bytes(model)
+    fp32_pred, fp32_size = predictions(model, test_x), float_size_bytes(model)
+    fp32_scores = scored(fp32_pred, test_y, fp32_pred)
+    fp32_acc = fp32_scores["accuracy"]
     method = "qat_lsq" if args.lsq else "qat_ste"
     common = dict(experiment=EXPERIMENT, calib_samples=args.calib_samples, fp32_accuracy=fp32_acc,
                   fp32_size_bytes=fp32_size, code=code_version(), test_images=len(test_x), qat_epochs=args.qat_epochs,
                   qat_lr=args.qat_lr, percentile=args.percentile, fp32_id=settings_id(fp32_settings(args)),
                   **fp32_settings(args), **environment())
     results.add(dict(timestamp=timestamp(), method="fp32", w_bits=32, a_bits=32, observer="", w_observer="", granularity="",
-                 accuracy=fp32_acc, ptq_accuracy=None, size_bytes=fp32_size, seconds=round(time.time() - t0, 2), recipe="",
-                 recipe_id="fp32", **common))
+                 ptq_accuracy=None, size_bytes=fp32_size, seconds=round(time.time() - t0, 2), recipe="",
+                 recipe_id="fp32", **fp32_scores, **common))
     print(f"FP32 test accuracy {fp32_acc:.2f}% ({len(test_x)} images)")
     for bits, gran, observer in [(b, g, o) for b in args.bits for g in args.granularity for o in args.observers]:
         w_scheme, a_scheme, a_bits = schemes(bits, args.a_bits, gran)
@@ -75,11 +77,12 @@ def main(argv=None):
         recipe = recipe_for(w_scheme, a_scheme, observer, args, method="qat",
                             method_args=dict(mode="lsq" if args.lsq else "ste", epochs=args.qat_epochs, lr=args.qat_lr))
         q = qat(model, recipe, batches, data, args)
-        acc, size = accuracy(q, test_x, test_y), quantized_size_bytes(q)
+        scores, size = scored(predictions(q, test_x), test_y, fp32_pred), quantized_size_bytes(q)
+        acc = scores["accuracy"]
         results.add(dict(timestamp=timestamp(), method=method, w_bits=bits, a_bits=32 if a_bits == "none" else a_bits,
                          observer=observer if a_scheme else "", w_observer=args.w_observer, granularity=gran,
-                         accuracy=acc, ptq_accuracy=ptq_acc, size_bytes=size, seconds=round(time.time() - t0, 2),
-                         recipe=recipe.to_json(), recipe_id=recipe.id, **common))
+                         ptq_accuracy=ptq_acc, size_bytes=size, seconds=round(time.time() - t0, 2),
+                         recipe=recipe.to_json(), recipe_id=recipe.id, **scores, **common))
         print(f"W{bits}A{a_bits} {gran} {observer}: QAT ({method}) {acc:.2f}%  PTQ {ptq_acc:.2f}%  FP32 {fp32_acc:.2f}%")
         if args.save_model:
             save_mlp(q, recipe, acc, args, EXPERIMENT, f"{method}_w{bits}a{a_bits}_{gran}_{observer}")

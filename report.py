@@ -85,6 +85,20 @@ def mnist_setting(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
                 f"{int(last.calib_samples)} calibration images, {int(last.test_images)} test images")
 
 
+def flips_table(q: pd.DataFrame) -> str:
+    """Accuracy intervals and flips against FP32, where the rows carry them (rows before them do not)."""
+    if "flips" not in q.columns or q.flips.isna().all():
+        return ""
+    q = q[q.flips.notna()]
+    cell = [f"{r.acc_ci_low:.2f}–{r.acc_ci_high:.2f} · {r.flips:.2f} ({r.flips_right_to_wrong:.2f} / {r.flips_wrong_to_right:.2f})"
+            for r in q.itertuples()]
+    t = q.assign(cell=cell).pivot_table(index=["granularity", "observer"], columns="w_bits", values="cell", aggfunc="first")
+    t = t[sorted(t.columns, reverse=True)]
+    t.columns = [f"W{int(c)}A8" for c in t.columns]
+    return ("\n\nAccuracy 95 % interval (bootstrap over test images) · predictions changed from FP32 (%) "
+            "(right→wrong / wrong→right):\n\n" + md(t.reset_index()))
+
+
 def ptq_nn(df, out_dir):
     df, setting = mnist_setting(df)
     fp32 = df[df.method == "fp32"].accuracy.iloc[-1]
@@ -124,7 +138,7 @@ def ptq_nn(df, out_dir):
     ])
     return (f"{setting}. FP32 accuracy {fp32:.2f} % ({int(df.fp32_size_bytes.iloc[-1])} "
             f"bytes). Test accuracy (%) after static PTQ, activations 8-bit affine per-tensor:\n\n"
-            + md(table.reset_index()) + "\n\nPacked size (bytes):\n\n"
+            + md(table.reset_index()) + flips_table(q) + "\n\nPacked size (bytes):\n\n"
             + md(sizes.reset_index().rename(columns={"w_bits": "weight bits"})) + "\n\n" + findings
             + "\n\n![MNIST PTQ](../results/ptq_nn.png)")
 

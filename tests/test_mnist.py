@@ -38,6 +38,14 @@ def test_ptq_nn_end_to_end(tmp_path):
     assert (w2.accuracy < fp32.accuracy).all()
     # real packed sizes: 2-bit weights take a quarter of the 8-bit bytes (plus scales)
     assert (w2.size_bytes < df[df.w_bits == 8].size_bytes.min() / 2).all()
+    # intervals and flips against the float model (itself: none)
+    assert (df.acc_ci_low < df.accuracy).all() and (df.accuracy < df.acc_ci_high).all()
+    assert (fp32.flips, fp32.flips_right_to_wrong, fp32.flips_wrong_to_right) == (0, 0, 0)
+    assert (w2.flips > 0).all() and (w2.flips >= w2.flips_right_to_wrong + w2.flips_wrong_to_right).all()
+    # the accuracy moves by exactly the net flips: wrong -> right minus right -> wrong
+    assert ((w2.accuracy - fp32.accuracy) - (w2.flips_wrong_to_right - w2.flips_right_to_wrong)).abs().max() < 1e-9
+    import report
+    assert "predictions changed from FP32" in report.ptq_nn(df, str(tmp_path))
     saved = os.listdir(tmp_path / "models" / "ptq_nn")
     assert len(saved) == 8 and all(os.path.exists(tmp_path / "models" / "ptq_nn" / s / "model.safetensors") for s in saved)
 
@@ -158,3 +166,16 @@ def test_quick_runs_checkpoint_is_not_reused_by_other_settings(tmp_path, capsys)
     again = ptq_nn.main(base + ["--train_subset", "300", "--epochs", "1"])
     assert "reusing FP32 checkpoint" in capsys.readouterr().out and again[0]["accuracy"] == quick[0]["accuracy"]
     assert len([f for f in os.listdir(tmp_path / "m") if f.endswith(".pt")]) == 2
+
+
+def test_flips_on_a_constructed_case():
+    import torch
+
+    from mnist import scored
+    y = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    fp32 = torch.tensor([0, 1, 2, 3, 9, 9, 6, 7])  # right on 6 of 8
+    q = torch.tensor([0, 1, 2, 8, 4, 9, 6, 5])    # 3 and 7 break, 4 is fixed, 5 stays wrong
+    s = scored(q, y, fp32)
+    assert s["accuracy"] == 62.5 and s["flips"] == 37.5
+    assert (s["flips_right_to_wrong"], s["flips_wrong_to_right"]) == (25.0, 12.5)
+    assert scored(fp32, y, fp32)["flips"] == 0.0
