@@ -270,10 +270,13 @@ def main(argv=None):
     eval_tokens = windows.numel()
     source, source_gguf, _ = resolve_model(args.model_name, args.gguf_file)
     source_gguf = os.path.join(source, source_gguf) if source_gguf else None
+    if "gguf" in args.export and source_gguf is None:  # the tokenizer is the same for every recipe
+        problem = gguf_tokenizer_problem(tok)
+        if problem:
+            raise UsageError(f"--export gguf: {problem}")
     for recipe in recipes:  # an export that cannot be written fails now, not after hours of quantizing
         for fmt in args.export:
-            problem = export_problem(model, fmt, recipe) or (
-                gguf_tokenizer_problem(tok) if fmt == "gguf" and source_gguf is None else None)
+            problem = export_problem(model, fmt, recipe)
             if problem:
                 raise UsageError(f"--export {fmt}: {recipe.describe()}: {problem}")
     print(f"{args.model_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on {device}; "

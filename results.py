@@ -2,12 +2,12 @@
 it is finished, the run's summary table, the code version and environment every row records,
 and the settings hash that names saved artefacts."""
 import os
-import tempfile
 import time
 
 import pandas as pd
 
 from cli import check_writable
+from quant.checkpoint import atomic_path
 
 
 def settings_id(settings: dict) -> str:
@@ -94,19 +94,9 @@ def append_rows(path: str, rows: list[dict]) -> None:
     New columns are added (earlier rows get blanks); no earlier row is lost."""
     if not rows:
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     new = pd.DataFrame(rows)
     if os.path.exists(path) and os.path.getsize(path) > 0:
         old = pd.read_csv(path)
         new = pd.concat([old, new], ignore_index=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".csv", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w") as f:
-            new.to_csv(f, index=False)
-        umask = os.umask(0)  # mkstemp made it owner-only; give it what a plain open() would have
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        new.to_csv(tmp, index=False)

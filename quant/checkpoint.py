@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 
 import torch
 from safetensors import safe_open
@@ -92,25 +93,41 @@ def default_mode(path: str) -> None:
     os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
 
 
+@contextmanager
+def atomic_path(path: str, folder: bool = False):
+    """Yield a temporary file (or folder) beside `path` to write; on success it replaces `path`
+    with the permissions of a plain open() / mkdir, on failure it is removed: readers see the old
+    artefact or the whole new one, never half of one."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    if folder:
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    else:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=parent)
+        os.close(fd)
+    try:
+        yield tmp
+        default_mode(tmp)
+        if folder and os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def save_quantized(model: torch.nn.Module, folder: str, extra: dict | None = None) -> str:
     """Write the checkpoint folder atomically (built in a temporary folder, then renamed)."""
     tensors, config = export_tensors(model)
     config["extra"] = extra or {}
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
+    with atomic_path(folder, folder=True) as tmp:
         save_file({k: v.cpu() for k, v in tensors.items()}, os.path.join(tmp, "model.safetensors"),
                   metadata={"quant_config": json.dumps(config)})
         with open(os.path.join(tmp, "quant_config.json"), "w") as f:
             json.dump(config, f, indent=1)
-        default_mode(tmp)
-        if os.path.exists(folder):
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

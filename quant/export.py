@@ -13,14 +13,13 @@ line (ExportError) before anything is written; files appear atomically (temporar
 """
 import copy
 import os
-import shutil
 import tempfile
 
 import torch
 import torch.nn as nn
 
 from .arch import in_out, is_conv1d, is_linear
-from .checkpoint import default_mode
+from .checkpoint import atomic_path
 from .modules import QuantEmbedding, quant_modules, replace_module
 from .scheme import QScheme
 
@@ -108,19 +107,6 @@ def export_problem(model: nn.Module, fmt: str, recipe=None) -> str | None:
     return next((p for p in (_ct_problem(*layer) for layer in layers) if p), None)
 
 
-def _atomic_folder(folder: str):
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-
-
-def _commit_folder(tmp: str, folder: str) -> None:
-    default_mode(tmp)
-    if os.path.exists(folder):
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-
-
 @torch.no_grad()
 def save_compressed_tensors(model: nn.Module, folder: str, tokenizer=None) -> dict:
     """Write `model` (quantized by quantize_model) as a compressed-tensors folder loadable by
@@ -166,16 +152,11 @@ def save_compressed_tensors(model: nn.Module, folder: str, tokenizer=None) -> di
                 m.input_zero_point.data = act[1].reshape(m.input_zero_point.shape).to(m.input_zero_point.dtype)
     compressor = ModelCompressor(quantization_config=cfg)
     compressor.compress_model(out)
-    tmp = _atomic_folder(folder)
-    try:
+    with atomic_path(folder, folder=True) as tmp:
         out.save_pretrained(tmp)
         compressor.update_config(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _commit_folder(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     weights = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors")]
     asym = [w for w, _ in groups if not w.symmetric]
     notes = ("asymmetric packed zero points: transformers loads them with CompressedTensorsConfig(dequantize=True) "
@@ -230,18 +211,22 @@ _NOT_SPM = ("the tokenizer is not SentencePiece-style (byte-fallback BPE), the k
             "for a byte-level BPE model, start from its GGUF file (--gguf_file or pkg:...), whose tokenizer is copied")
 
 
-def gguf_tokenizer_problem(tokenizer) -> str | None:
-    """Why a Hugging Face tokenizer cannot be written into a GGUF file (None if it can)."""
+def _llama_vocab(tokenizer, folder: str):
+    """gguf's reading of a SentencePiece-style HF tokenizer saved into `folder`; None for any other kind."""
     from pathlib import Path
 
     import gguf
+    tokenizer.save_pretrained(folder)
+    try:
+        return gguf.LlamaHfVocab(Path(folder))
+    except (FileNotFoundError, TypeError, KeyError):
+        return None
+
+
+def gguf_tokenizer_problem(tokenizer) -> str | None:
+    """Why a Hugging Face tokenizer cannot be written into a GGUF file (None if it can)."""
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        try:
-            gguf.LlamaHfVocab(Path(tmp))
-        except (FileNotFoundError, TypeError, KeyError):
-            return _NOT_SPM
-    return None
+        return None if _llama_vocab(tokenizer, tmp) is not None else _NOT_SPM
 
 
 def _tokenizer_fields(writer, tokenizer, source_gguf: str | None) -> None:
@@ -258,11 +243,9 @@ def _tokenizer_fields(writer, tokenizer, source_gguf: str | None) -> None:
         return
     from pathlib import Path
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        try:
-            vocab = gguf.LlamaHfVocab(Path(tmp))
-        except (FileNotFoundError, TypeError, KeyError):
-            raise ExportError(f"cannot export as GGUF: {_NOT_SPM}") from None
+        vocab = _llama_vocab(tokenizer, tmp)
+        if vocab is None:
+            raise ExportError(f"cannot export as GGUF: {_NOT_SPM}")
         tokens, scores, types = zip(*vocab.all_tokens())
         writer.add_tokenizer_model("llama")
         writer.add_token_list(list(tokens))
@@ -337,11 +320,7 @@ def save_gguf(model: nn.Module, path: str, qtype: str, tokenizer=None, source_gg
     if kept:
         notes.append(f"{len(kept)} layers float32 (rows not a multiple of {_BLOCK})")
 
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".gguf", dir=parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         w = gguf.GGUFWriter(tmp, "llama")
         w.add_name(os.path.splitext(os.path.basename(path))[0])
         w.add_context_length(cfg.max_position_embeddings)
@@ -363,10 +342,4 @@ def save_gguf(model: nn.Module, path: str, qtype: str, tokenizer=None, source_gg
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        default_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return {"format": f"gguf-{qtype}", "path": path, "bytes": os.path.getsize(path), "notes": ", ".join(notes)}
