@@ -102,7 +102,15 @@ def add_common_args(p, *, bits_default, calib_default):
     p.add_argument("--results_dir", default="results", help="where the CSV files are appended (default: results)")
     p.add_argument("--models_dir", default="models", help="where checkpoints are saved / reused (default: models)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--seeds", type=positive_int, default=1,
+                   help="repeat with seeds --seed .. --seed+N-1 (calibration sample; MNIST: also FP32 training and "
+                        "QAT); the report shows mean and spread (default: 1)")
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
+
+
+def per_seed(args) -> list[argparse.Namespace]:
+    """The run's arguments once per seed of --seed .. --seed+--seeds-1, in order."""
+    return [argparse.Namespace(**{**vars(args), "seed": args.seed + i}) for i in range(args.seeds)]
 
 
 def load_config(path: str) -> dict:

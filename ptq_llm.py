@@ -38,6 +38,7 @@ from cli import (
     bits_type,
     check_writable,
     parse_with_config,
+    per_seed,
     percentile_type,
     pick_device,
     positive_float,
@@ -178,7 +179,7 @@ def peak_gpu_mb(device: str):
     return round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.startswith("cuda") else None
 
 
-SUMMARY = ["method", "w_bits", "a_bits", "act", "observer", "granularity", "group_size", "perplexity", "size_bytes",
+SUMMARY = ["method", "seed", "w_bits", "a_bits", "act", "observer", "granularity", "group_size", "perplexity", "size_bytes",
            "quant_seconds", "seconds"]
 
 
@@ -262,7 +263,9 @@ def main(argv=None):
         raise UsageError(str(e)) from None
     tok = load_tokenizer(args.model_name, args.gguf_file)
     windows = eval_windows(tokenize(tok, test_text), args.seq_len, args.eval_samples)
-    calib = calib_windows(tokenize(tok, calib_text), args.calib_samples, args.seq_len, args.seed)
+    calib_ids = tokenize(tok, calib_text)
+    seeds = [a.seed for a in per_seed(args)]
+    calibs = {seed: calib_windows(calib_ids, args.calib_samples, args.seq_len, seed) for seed in seeds}
     if args.no_progress:
         import transformers
         transformers.utils.logging.disable_progress_bar()
@@ -280,12 +283,13 @@ def main(argv=None):
             if problem:
                 raise UsageError(f"--export {fmt}: {recipe.describe()}: {problem}")
     print(f"{args.model_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on {device}; "
-          f"eval {len(windows)} windows x {args.seq_len} = {eval_tokens} tokens; calib {len(calib)} windows from {calib_split} "
+          f"eval {len(windows)} windows x {args.seq_len} = {eval_tokens} tokens; calib {args.calib_samples} windows from {calib_split}"
+          f"{f' x {len(seeds)} seeds' if len(seeds) > 1 else ''} "
           f"({time.time() - t_load:.1f}s)")
     fp32_size = float_size_bytes(model)
     progress = not args.no_progress
     base = dict(experiment=EXPERIMENT, model=args.model_name, calib_samples=args.calib_samples, calib_split=calib_split,
-                seq_len=args.seq_len, eval_tokens=eval_tokens, fp32_size_bytes=fp32_size, seed=args.seed, code=code_version(),
+                seq_len=args.seq_len, eval_tokens=eval_tokens, fp32_size_bytes=fp32_size, code=code_version(),
                 device=device, dtype=args.dtype, quantize_embeddings=args.quantize_embeddings, **environment(device))
 
     fp32_ppl, fp32_eval = None, None
@@ -303,10 +307,11 @@ def main(argv=None):
                     granularity="", group_size=None, perplexity=fp32_ppl, fp32_perplexity=fp32_ppl, size_bytes=fp32_size,
                     seconds=round(time.time() - t0, 2), notes="", recipe="", recipe_id="fp32",
                     **intervals(fp32_eval, None), kld=0.0, kld_ci_low=0.0, kld_ci_high=0.0, kld_p99=0.0, top1_agree=1.0,
-                    ln_ppl_ratio=0.0, ln_ppl_ratio_ci_low=0.0, ln_ppl_ratio_ci_high=0.0))
+                    ln_ppl_ratio=0.0, ln_ppl_ratio_ci_low=0.0, ln_ppl_ratio_ci_high=0.0, seed=seeds[0]))
         print(f"FP32 perplexity {fp32_ppl:.3f}  ({fp32_size} bytes)")
 
-    for recipe in recipes:
+    # every seed draws its own calibration windows; a recipe that reads none gives one row, not N equal ones
+    for seed, recipe in [(seed, r) for seed in seeds for r in recipes if seed == seeds[0] or r.needs_calibration]:
         method, w_bits, act = recipe.method, recipe.weight.bits, recipe.act
         t0 = time.time()
         if args.device_map:
@@ -314,7 +319,7 @@ def main(argv=None):
         else:
             qmodel = copy.deepcopy(model)
         try:
-            quantize_model(qmodel, recipe, calib.split(args.batch_size), progress=progress)
+            quantize_model(qmodel, recipe, calibs[seed].split(args.batch_size), progress=progress)
         except ValueError as e:  # a recipe that cannot apply to this model: bad input, not a crash
             raise UsageError(f"{args.model_name}: {e}") from None
         w_scheme = recipe.weight
@@ -332,10 +337,10 @@ def main(argv=None):
                    w_symmetric=w_scheme.symmetric, group_size=w_scheme.group_size, perplexity=ppl,
                    fp32_perplexity=fp32_ppl, size_bytes=size, quant_seconds=round(t_quant, 2),
                    seconds=round(time.time() - t0, 2), notes=notes, method_args=method_args(recipe),
-                   recipe=recipe.to_json(), recipe_id=recipe.id, **intervals(q_eval, fp32_eval))
+                   recipe=recipe.to_json(), recipe_id=recipe.id, **intervals(q_eval, fp32_eval), seed=seed)
         # artefacts are named by everything that made them: the same name is the same model, never another one
         made_by = dict(model=args.model_name, recipe_id=recipe.id, calib_samples=args.calib_samples,
-                       calib_split=calib_split, seq_len=args.seq_len, seed=args.seed, dtype=args.dtype)
+                       calib_split=calib_split, seq_len=args.seq_len, seed=seed, dtype=args.dtype)
         tag = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{os.path.basename(args.model_name.rstrip('/'))}_{method}_W{w_bits}"
                      f"_{act}_{settings_id(made_by)}").strip("_")
         try:
@@ -347,8 +352,9 @@ def main(argv=None):
         if exports:
             row.update({k: ";".join(str(e[k]) for e in exports) for k in EXPORT_FIELDS})
         record(row)
-        print(f"{label:44s} perplexity {ppl:.3f}  size {size} bytes ({size / fp32_size:.1%} of float)  "
-              f"quantize {t_quant:.1f}s" + (f"  [{notes}]" if notes else ""))
+        print(f"{label:44s}" + (f" seed {seed}" if len(seeds) > 1 else "")
+              + f" perplexity {ppl:.3f}  size {size} bytes ({size / fp32_size:.1%} of float)  quantize {t_quant:.1f}s"
+              + (f"  [{notes}]" if notes else ""))
         for e in exports:
             print(f"  {e['export_format']:18s} perplexity {e['export_perplexity']:.3f} through its loader "
                   f"(max logit difference {e['export_max_logit_diff']:.2g})  {e['export_bytes']} bytes  {e['export_path']}"

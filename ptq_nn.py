@@ -14,13 +14,13 @@ import time
 
 import torch
 
-from cli import Parser, UsageError, add_common_args, check_writable, parse_with_config, percentile_type, run
+from cli import Parser, UsageError, add_common_args, check_writable, parse_with_config, per_seed, percentile_type, run
 from mnist import add_mnist_args, fp32_model, fp32_settings, load_mnist, predictions, scored
 from quant import OBSERVERS, QScheme, Recipe, float_size_bytes, quantize_model, quantized_size_bytes, save_quantized
 from results import Results, code_version, environment, settings_id, timestamp
 
 EXPERIMENT = "ptq_nn"
-SUMMARY = ["method", "w_bits", "a_bits", "granularity", "observer", "w_observer", "accuracy", "size_bytes", "seconds"]
+SUMMARY = ["method", "seed", "w_bits", "a_bits", "granularity", "observer", "w_observer", "accuracy", "size_bytes", "seconds"]
 
 
 def a_bits_type(s):
@@ -94,14 +94,19 @@ def main(argv=None):
     if args.save_model:
         check_writable(args.models_dir, "--models_dir")
     data = load_mnist(args.data_dir)
-    train_x, train_y = data["train"]
-    test_x, test_y = data["test"]
     if args.train_subset:
-        data["train"] = train_x, train_y = train_x[: args.train_subset], train_y[: args.train_subset]
+        data["train"] = tuple(t[: args.train_subset] for t in data["train"])
     if args.test_subset:
-        test_x, test_y = test_x[: args.test_subset], test_y[: args.test_subset]
-    batches = calib_batches(train_x, args.calib_samples, args.seed)
+        data["test"] = tuple(t[: args.test_subset] for t in data["test"])
+    for seed_args in per_seed(args):  # each seed: its own FP32 training and calibration sample
+        run_seed(seed_args, data, results)
+    print(results.summary())
+    return results.rows
 
+
+def run_seed(args, data, results):
+    test_x, test_y = data["test"]
+    batches = calib_batches(data["train"][0], args.calib_samples, args.seed)
     t0 = time.time()
     model = fp32_model(data, args)
     fp32_pred, fp32_size = predictions(model, test_x), float_size_bytes(model)
@@ -114,7 +119,7 @@ def main(argv=None):
     results.add(dict(timestamp=timestamp(), method="fp32", w_bits=32, a_bits=32, observer="", w_observer="",
                  granularity="", size_bytes=fp32_size, seconds=round(time.time() - t0, 2), recipe="",
                  recipe_id="fp32", **fp32_scores, **common))
-    print(f"FP32 test accuracy {fp32_acc:.2f}% ({len(test_x)} images), {fp32_size} bytes")
+    print(f"seed {args.seed}: FP32 test accuracy {fp32_acc:.2f}% ({len(test_x)} images), {fp32_size} bytes")
 
     configs = [(b, g, o) for b in args.bits for g in args.granularity
                for o in (args.observers if args.a_bits != "none" else ["none"])]
@@ -132,8 +137,6 @@ def main(argv=None):
         print(f"PTQ W{bits}A{a_bits} {gran:7s} {observer:10s} accuracy {acc:6.2f}%  size {size} bytes")
         if args.save_model:
             save_mlp(q, recipe, acc, args, EXPERIMENT, f"w{bits}a{a_bits}_{gran}_{observer}")
-    print(results.summary())
-    return results.rows
 
 
 if __name__ == "__main__":

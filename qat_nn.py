@@ -11,14 +11,14 @@ import argparse
 import copy
 import time
 
-from cli import Parser, add_common_args, check_writable, parse_with_config, positive_float, positive_int, run
+from cli import Parser, add_common_args, check_writable, parse_with_config, per_seed, positive_float, positive_int, run
 from mnist import accuracy, add_mnist_args, fp32_model, fp32_settings, load_mnist, predictions, scored, train
 from ptq_nn import add_ptq_args, calib_batches, ptq, recipe_for, save_mlp, schemes
 from quant import float_size_bytes, quant_modules, quantize_model, quantized_size_bytes
 from results import Results, code_version, environment, settings_id, timestamp
 
 EXPERIMENT = "qat_nn"
-SUMMARY = ["method", "w_bits", "a_bits", "granularity", "observer", "accuracy", "ptq_accuracy", "size_bytes", "seconds"]
+SUMMARY = ["method", "seed", "w_bits", "a_bits", "granularity", "observer", "accuracy", "ptq_accuracy", "size_bytes", "seconds"]
 
 
 def build_parser(prog=None):
@@ -50,11 +50,17 @@ def main(argv=None):
     data = load_mnist(args.data_dir)
     if args.train_subset:
         data["train"] = tuple(t[: args.train_subset] for t in data["train"])
-    test_x, test_y = data["test"]
     if args.test_subset:
-        test_x, test_y = test_x[: args.test_subset], test_y[: args.test_subset]
-    batches = calib_batches(data["train"][0], args.calib_samples, args.seed)
+        data["test"] = tuple(t[: args.test_subset] for t in data["test"])
+    for seed_args in per_seed(args):  # each seed: its own FP32 training, calibration sample and QAT shuffling
+        run_seed(seed_args, data, results)
+    print(results.summary())
+    return results.rows
 
+
+def run_seed(args, data, results):
+    test_x, test_y = data["test"]
+    batches = calib_batches(data["train"][0], args.calib_samples, args.seed)
     t0 = time.time()
     model = fp32_model(data, args)
     fp32_pred, fp32_size = predictions(model, test_x), float_size_bytes(model)
@@ -68,7 +74,7 @@ def main(argv=None):
     results.add(dict(timestamp=timestamp(), method="fp32", w_bits=32, a_bits=32, observer="", w_observer="", granularity="",
                  ptq_accuracy=None, size_bytes=fp32_size, seconds=round(time.time() - t0, 2), recipe="",
                  recipe_id="fp32", **fp32_scores, **common))
-    print(f"FP32 test accuracy {fp32_acc:.2f}% ({len(test_x)} images)")
+    print(f"seed {args.seed}: FP32 test accuracy {fp32_acc:.2f}% ({len(test_x)} images)")
     for bits, gran, observer in [(b, g, o) for b in args.bits for g in args.granularity for o in args.observers]:
         w_scheme, a_scheme, a_bits = schemes(bits, args.a_bits, gran)
         ptq_acc = accuracy(ptq(model, recipe_for(w_scheme, a_scheme, observer, args), batches, not args.no_progress),
@@ -86,8 +92,6 @@ def main(argv=None):
         print(f"W{bits}A{a_bits} {gran} {observer}: QAT ({method}) {acc:.2f}%  PTQ {ptq_acc:.2f}%  FP32 {fp32_acc:.2f}%")
         if args.save_model:
             save_mlp(q, recipe, acc, args, EXPERIMENT, f"{method}_w{bits}a{a_bits}_{gran}_{observer}")
-    print(results.summary())
-    return results.rows
 
 
 if __name__ == "__main__":

@@ -69,61 +69,103 @@ def log_ticks(ax, values) -> None:
 
 # --- MNIST ---
 
-MNIST_SETTING = ["fp32_id", "calib_samples", "test_images"]  # the FP32 training (its hash), calibration, test set
+MNIST_SETTING = ["arch", "epochs", "lr", "batch_size", "train_subset", "calib_samples", "test_images"]  # all but the seed
 
 
-def mnist_setting(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """The rows of the latest run's setting, the latest of each recipe, and a header naming the
-    setting. Rows older than recipes carry no FP32 training hash: runs since supersede them."""
+def same(col: pd.Series, value) -> pd.Series:
+    return col.isna() if pd.isna(value) else col == value
+
+
+def mnist_setting(df: pd.DataFrame) -> tuple[pd.DataFrame, list[int], str]:
+    """The rows of the latest run's setting (every seed of it), the latest of each recipe and seed,
+    its seeds, and a header naming the setting. Rows older than recipes carry no FP32 training
+    settings: runs since supersede them."""
     df = df[df.get("recipe_id", pd.Series(index=df.index, dtype=object)).notna()]
     last = df.sort_values("timestamp").iloc[-1]
     for key in MNIST_SETTING:
-        df = df[df[key] == last[key]]
-    df = latest(df, ["recipe_id"])
+        df = df[same(df[key], last[key])]
+    df = latest(df, ["recipe_id", "seed"])
+    seeds = sorted(int(s) for s in df.seed.unique())
     train = f"{int(last.train_subset)} training images" if pd.notna(last.train_subset) else "all 60000 training images"
-    return df, (f"FP32 MLP trained {int(last.epochs)} epochs on {train} (seed {int(last.seed)}), "
-                f"{int(last.calib_samples)} calibration images, {int(last.test_images)} test images")
+    named = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}: mean ± std over seeds"
+    return df, seeds, (f"FP32 MLP trained {int(last.epochs)} epochs on {train} ({named}), "
+                       f"{int(last.calib_samples)} calibration images, {int(last.test_images)} test images")
 
 
-def flips_table(q: pd.DataFrame) -> str:
-    """Accuracy intervals and flips against FP32, where the rows carry them (rows before them do not)."""
+def over_seeds(df: pd.DataFrame, keys: list[str], value: str) -> pd.DataFrame:
+    """One row per `keys`: the mean of `value` over its seeds, the standard deviation (ddof 1) and
+    the count, with the cell text people read ('97.91 ± 0.07' for several seeds)."""
+    g = df.groupby(keys, dropna=False)[value].agg(["mean", "std", "count"]).reset_index()
+    g["cell"] = [f"{m:.2f}" if n == 1 else f"{m:.2f} ± {sd:.2f}" for m, sd, n in zip(g["mean"], g["std"], g["count"])]
+    return g.rename(columns={"mean": value, "std": f"{value}_std", "count": "seeds"})
+
+
+def seeded_table(q: pd.DataFrame, index, value: str = "accuracy") -> pd.DataFrame:
+    """Accuracy cells (mean ± std over seeds) with weight bits across, highest first."""
+    g = over_seeds(q, list(index) + ["w_bits"], value)
+    t = g.pivot_table(index=index, columns="w_bits", values="cell", aggfunc="first")
+    t = t[sorted(t.columns, reverse=True)]
+    t.columns = [f"W{int(c)}A8" for c in t.columns]
+    return t
+
+
+def error_bars(g: pd.DataFrame, value: str, low: str, high: str):
+    """Error bars: the spread over seeds where there are several, else the row's 95 % interval
+    (where the rows carry one), else none."""
+    if "seeds" in g and (g.seeds > 1).any():
+        return g[f"{value}_std"].fillna(0).to_numpy()
+    if low in g and g[low].notna().all():
+        return [(g[value] - g[low]).clip(lower=0).to_numpy(), (g[high] - g[value]).clip(lower=0).to_numpy()]
+    return None
+
+
+def flips_table(q: pd.DataFrame, seed: int) -> str:
+    """Accuracy intervals and flips against FP32 for one seed, where the rows carry them (rows before them do not)."""
     if "flips" not in q.columns or q.flips.isna().all():
         return ""
-    q = q[q.flips.notna()]
+    q = q[q.flips.notna() & (q.seed == seed)]
     cell = [f"{r.acc_ci_low:.2f}–{r.acc_ci_high:.2f} · {r.flips:.2f} ({r.flips_right_to_wrong:.2f} / {r.flips_wrong_to_right:.2f})"
             for r in q.itertuples()]
     t = q.assign(cell=cell).pivot_table(index=["granularity", "observer"], columns="w_bits", values="cell", aggfunc="first")
     t = t[sorted(t.columns, reverse=True)]
     t.columns = [f"W{int(c)}A8" for c in t.columns]
-    return ("\n\nAccuracy 95 % interval (bootstrap over test images) · predictions changed from FP32 (%) "
+    return (f"\n\nSeed {seed}: accuracy 95 % interval (bootstrap over test images) · predictions changed from FP32 (%) "
             "(right→wrong / wrong→right):\n\n" + md(t.reset_index()))
 
 
+def fp32_text(df: pd.DataFrame) -> tuple[float, str]:
+    g = over_seeds(df[df.method == "fp32"], ["method"], "accuracy").iloc[0]
+    return g.accuracy, f"{g.cell} %"
+
+
 def ptq_nn(df, out_dir):
-    df, setting = mnist_setting(df)
-    fp32 = df[df.method == "fp32"].accuracy.iloc[-1]
+    df, seeds, setting = mnist_setting(df)
+    fp32, fp32_cell = fp32_text(df)
     q = df[df.method == "ptq"]
-    check_cells(q, ["granularity", "observer", "w_bits"], "ptq_nn")
-    table = q.pivot_table(index=["granularity", "observer"], columns="w_bits", values="accuracy", aggfunc="first")
-    table = table[sorted(table.columns, reverse=True)]
-    table.columns = [f"W{int(c)}A8" for c in table.columns]
+    check_cells(q, ["granularity", "observer", "w_bits", "seed"], "ptq_nn")
+    table = seeded_table(q, ["granularity", "observer"])
+    means = over_seeds(q, ["granularity", "observer", "w_bits"], "accuracy")
+    if "acc_ci_low" in q and len(seeds) == 1:
+        means = means.merge(q[["granularity", "observer", "w_bits", "acc_ci_low", "acc_ci_high"]])
     grans = sorted(q.granularity.unique(), key=lambda g: g != "tensor")
     fig, axes = plt.subplots(1, len(grans), figsize=(5 * len(grans), 4), sharey=True, squeeze=False)
     for ax, gran in zip(axes[0], grans):
-        for obs, row in q[q.granularity == gran].groupby("observer"):
+        for obs, row in means[means.granularity == gran].groupby("observer"):
             row = row.sort_values("w_bits")
-            ax.plot(row.w_bits, row.accuracy, marker="o", label=obs)
-        ax.axhline(fp32, color="k", lw=0.8, ls=":", label=f"FP32 {fp32:.2f} %")
+            ax.errorbar(row.w_bits, row.accuracy, yerr=error_bars(row, "accuracy", "acc_ci_low", "acc_ci_high"),
+                        marker="o", capsize=3, label=obs)
+        ax.axhline(fp32, color="k", lw=0.8, ls=":", label=f"FP32 {fp32_cell}")
         ax.set(xlabel="weight bits (activations 8-bit)", title=f"per-{gran} weights", xticks=sorted(q.w_bits.unique()))
         ax.grid(alpha=0.3)
         ax.legend(title="activation observer", fontsize=8)
-    axes[0][0].set_ylabel("MNIST test accuracy (%)")
+    bars = "std over seeds" if len(seeds) > 1 else "95 % interval over test images"
+    axes[0][0].set_ylabel(f"MNIST test accuracy (%; bars: {bars})")
     fig.suptitle("MNIST MLP (784-128-10): static post-training quantization")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "ptq_nn.png"), dpi=120)
     plt.close(fig)
     sizes = q.groupby(["w_bits", "granularity"]).size_bytes.last().unstack()
-    acc = lambda **w: one(q, "accuracy", **w)  # noqa: E731
+    acc = lambda **w: one(means.assign(timestamp=0), "accuracy", **w)  # noqa: E731
     findings = bullets([
         sentence("Per-channel weights matter more than any activation observer: at W3A8 with min-max, per-tensor "
                  "weights reach {:.2f} % and per-channel {:.2f} % (FP32 {:.2f} %).",
@@ -136,29 +178,34 @@ def ptq_nn(df, out_dir):
                  acc(w_bits=8, granularity="channel", observer="entropy"),
                  acc(w_bits=8, granularity="channel", observer="minmax")),
     ])
-    return (f"{setting}. FP32 accuracy {fp32:.2f} % ({int(df.fp32_size_bytes.iloc[-1])} "
+    return (f"{setting}. FP32 accuracy {fp32_cell} ({int(df.fp32_size_bytes.iloc[-1])} "
             f"bytes). Test accuracy (%) after static PTQ, activations 8-bit affine per-tensor:\n\n"
-            + md(table.reset_index()) + flips_table(q) + "\n\nPacked size (bytes):\n\n"
+            + md(table.reset_index()) + flips_table(q, seeds[0]) + "\n\nPacked size (bytes):\n\n"
             + md(sizes.reset_index().rename(columns={"w_bits": "weight bits"})) + "\n\n" + findings
             + "\n\n![MNIST PTQ](../results/ptq_nn.png)")
 
 
 def qat_nn(df, out_dir):
-    df, setting = mnist_setting(df)
-    fp32 = df[df.method == "fp32"].accuracy.iloc[-1]
+    df, seeds, setting = mnist_setting(df)
+    fp32, fp32_cell = fp32_text(df)
     q = df[df.method != "fp32"]
-    check_cells(q, ["w_bits", "method"], "qat_nn")
-    table = q.pivot_table(index="w_bits", columns="method", values="accuracy", aggfunc="first")
-    table.insert(0, "ptq", q.groupby("w_bits").ptq_accuracy.last())
+    check_cells(q, ["w_bits", "method", "seed"], "qat_nn")
+    ptq = over_seeds(q.drop_duplicates(["w_bits", "seed"]).assign(method="ptq", accuracy=lambda x: x.ptq_accuracy),
+                     ["method", "w_bits"], "accuracy")
+    means = pd.concat([ptq, over_seeds(q, ["method", "w_bits"], "accuracy")], ignore_index=True)
+    table = means.pivot_table(index="w_bits", columns="method", values="cell", aggfunc="first")
     table = table.sort_index(ascending=False).reset_index()
     table.insert(0, "setting", [f"W{int(b)}A8" for b in table.w_bits])
     table = table.drop(columns="w_bits")
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(table.setting, table.ptq, marker="o", label="PTQ (no training)")
-    for m in [c for c in table.columns if c.startswith("qat")]:
-        ax.plot(table.setting, table[m], marker="o", label=m.replace("qat_", "QAT, ").replace("ste", "STE").replace("lsq", "LSQ"))
-    ax.axhline(fp32, color="k", lw=0.8, ls=":", label=f"FP32 {fp32:.2f} %")
-    ax.set(xlabel="setting (per-channel weights, 8-bit activations)", ylabel="MNIST test accuracy (%)",
+    names = {"ptq": "PTQ (no training)", "qat_ste": "QAT, STE", "qat_lsq": "QAT, LSQ"}
+    for m, g in means.groupby("method", sort=False):
+        g = g.sort_values("w_bits", ascending=False)
+        ax.errorbar([f"W{int(b)}A8" for b in g.w_bits], g.accuracy, yerr=error_bars(g, "accuracy", "", ""),
+                    marker="o", capsize=3, label=names.get(m, m))
+    ax.axhline(fp32, color="k", lw=0.8, ls=":", label=f"FP32 {fp32_cell}")
+    ax.set(xlabel="setting (per-channel weights, 8-bit activations)",
+           ylabel="MNIST test accuracy (%" + ("; bars: std over seeds)" if len(seeds) > 1 else ")"),
            title="MNIST MLP (784-128-10): QAT against PTQ")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -166,11 +213,10 @@ def qat_nn(df, out_dir):
     fig.savefig(os.path.join(out_dir, "qat_nn.png"), dpi=120)
     plt.close(fig)
     epochs = int(q.qat_epochs.iloc[-1])
-    w2 = table[table.setting == "W2A8"]
-    cell = lambda c: w2[c].iloc[0] if len(w2) and c in w2.columns else None  # noqa: E731
+    cell = lambda m: one(means.assign(timestamp=0), "accuracy", method=m, w_bits=2)  # noqa: E731
     findings = bullets([sentence("At W2A8, PTQ collapses to {:.2f} %; {} epochs of QAT recover {:.2f} % (STE) and "
                                  "{:.2f} % (LSQ).", cell("ptq"), epochs, cell("qat_ste"), cell("qat_lsq"))])
-    return (f"{setting}. FP32 accuracy {fp32:.2f} %. QAT: {epochs} epochs from the FP32 checkpoint. Test accuracy (%):\n\n"
+    return (f"{setting}. FP32 accuracy {fp32_cell}. QAT: {epochs} epochs from the FP32 checkpoint. Test accuracy (%):\n\n"
             + md(table)
             + "\n\n" + findings + "\n\n![MNIST QAT](../results/qat_nn.png)")
 
@@ -205,7 +251,7 @@ def recipe_ids(df: pd.DataFrame) -> pd.Series:
                       for i, r in zip(own, df.itertuples())], index=df.index)
 
 
-SETTING = ["label", "seq_len", "eval_tokens", "calib_split", "calib_samples", "seed"]  # one table each
+SETTING = ["label", "seq_len", "eval_tokens", "calib_split", "calib_samples"]  # one table each; seeds within it
 
 
 def check_cells(df: pd.DataFrame, cell: list, what: str) -> None:
@@ -229,7 +275,12 @@ def llm_rows(df: pd.DataFrame) -> pd.DataFrame:
     df["label"] = df.model.map(model_label)
     df["recipe_id"] = recipe_ids(df)
     # the device is not a key: a configuration gives the same perplexity on CPU and GPU (the FP32 rows agree to 4 digits)
-    df = latest(df, SETTING + ["recipe_id"])
+    df = latest(df, SETTING + ["recipe_id", "seed"])
+    # seeds: the spread of each recipe's perplexity over its seeds; the table shows its lowest seed's row
+    grp = df.groupby(SETTING + ["recipe_id"], dropna=False).perplexity
+    n, mean, sd = grp.transform("count"), grp.transform("mean"), grp.transform("std")
+    df["over seeds"] = [f"{m:.2f} ± {s:.2f} ({k})" if k > 1 else "" for m, s, k in zip(mean, sd, n)]
+    df = df.sort_values("seed", kind="stable").drop_duplicates(SETTING + ["recipe_id"])
     df["setting"] = [("FP32" if r.method == "fp32" else f"W{int(r.w_bits)}" + (f"A{int(r.a_bits)} {r.act}" if r.act != "none" else "")
                       + (f" g{int(r.group_size)}" if r.granularity == "group" else (" per-channel" if r.method != "fp32" else ""))
                       + ("" if r.w_symmetric or r.method == "fp32" else " asym")
@@ -254,7 +305,7 @@ def significance(df: pd.DataFrame):
     ci, vs_fp32, vs_rtn = [], [], []
     has = lambda col: col in df.columns  # noqa: E731
     units = {i: decode(w) for i, w in df.window_nll.items()} if has("window_nll") else {}
-    key = lambda r: tuple(str(r[c]) for c in SETTING) + (r.setting,)  # noqa: E731  (same evaluation, same grid)
+    key = lambda r: tuple(str(r[c]) for c in SETTING) + (r.setting,)  # noqa: E731  (same evaluation and grid)
     rtn = {key(r): units[i] for i, r in df.iterrows() if r.method == "rtn" and units.get(i) is not None}
     for i, r in df.iterrows():
         ci.append(f"{r.ppl_ci_low:.2f}–{r.ppl_ci_high:.2f}" if has("ppl_ci_low") and pd.notna(r.ppl_ci_low) else "")
@@ -279,7 +330,8 @@ def llm_plot(g: pd.DataFrame, label: str, path: str) -> None:
     colors = {a: f"C{i}" for i, a in enumerate(wo.algorithm.drop_duplicates())}  # one colour per algorithm in every panel
     for ax, (sym, p) in zip(axes[0], panels):
         for algorithm, m in p.groupby("algorithm", sort=False):
-            ax.plot(m.w_bits, m.perplexity, marker="o", color=colors[algorithm], label=algorithm)
+            ax.errorbar(m.w_bits, m.perplexity, yerr=error_bars(m, "perplexity", "ppl_ci_low", "ppl_ci_high"),
+                        marker="o", capsize=3, color=colors[algorithm], label=algorithm)
         if len(fp32):
             ax.axhline(fp32.iloc[-1], color="k", lw=0.8, ls=":", label=f"FP32 {fp32.iloc[-1]:.2f}")
         groups = sorted({int(x) for x in p.group_size.dropna()})
@@ -290,7 +342,8 @@ def llm_plot(g: pd.DataFrame, label: str, path: str) -> None:
             log_ticks(ax, values)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("WikiText-2 test perplexity (lower is better)")
+    axes[0][0].set_ylabel("WikiText-2 test perplexity (lower is better)"
+                          + ("; bars: 95 % interval" if "ppl_ci_low" in wo and wo.ppl_ci_low.notna().any() else ""))
     fig.suptitle(f"{label}: weight-only post-training quantization")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -335,18 +388,23 @@ def ptq_llm(df, out_dir):
         name = re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")
         llm_plot(g, label, os.path.join(out_dir, f"ptq_llm_{name}.png"))
         # one table per evaluation setting: rows of other windows or calibration are not comparable
-        for (_, seq_len, eval_tokens, _, _, seed), e in g.groupby(SETTING, sort=False, dropna=False):
+        for (_, seq_len, eval_tokens, _, _), e in g.groupby(SETTING, sort=False, dropna=False):
             r = e.iloc[-1]
-            cols = ["setting", "algorithm", "perplexity", "95% CI", "Δppl", "vs FP32", "vs RTN", "kld", "top1_agree",
-                    "size MB", "quant_seconds", "seconds", "device"]
+            cols = ["setting", "algorithm", "perplexity", "95% CI", "Δppl", "vs FP32", "vs RTN", "over seeds", "kld",
+                    "top1_agree", "size MB", "quant_seconds", "seconds", "device"]
             cols = [c for c in cols if c in e.columns and e[c].replace("", pd.NA).notna().any()]  # no empty columns
             t = e[cols].copy()
             for col, fmt in (("kld", "{:.4f}"), ("top1_agree", "{:.1%}")):  # too small for the tables' two decimals
                 if col in t:
                     t[col] = [fmt.format(v) if pd.notna(v) else "" for v in t[col]]
             t = t.rename(columns={"quant_seconds": "quantize (s)", "seconds": "total (s)", "top1_agree": "top-1 agree"})
+            seeds = sorted(int(x) for x in e.seed.unique())
+            spread = ("; `over seeds`: mean ± std (count) of perplexity over the seeds each calibrated recipe ran with "
+                      "(each seed draws its own calibration windows; the other columns are the lowest seed's row)"
+                      if (e["over seeds"] != "").any() else "")
             parts.append(f"**{label}**, seq_len {int(seq_len)}, {int(eval_tokens)} evaluation tokens, "
-                         f"{int(r.calib_samples)} calibration windows from the {r.calib_split} split, seed {int(seed)}; total time = "
+                         f"{int(r.calib_samples)} calibration windows from the {r.calib_split} split, seed "
+                         f"{', '.join(map(str, seeds))}{spread}; total time = "
                          f"quantize + calibrate + evaluate on the row's device.\n\n" + md(t))
         findings = llm_findings(g)
         parts.append((findings + "\n\n" if findings else "") + f"![{label}](../results/ptq_llm_{name}.png)")
@@ -362,11 +420,15 @@ def headline(df: pd.DataFrame) -> str:
     keep = (g.method == "fp32") | ((g.act == "none") & (g.group_size == 128) & ~g.w_symmetric
                                    & ((g.method != "gptq") | (g.w_observer == "mse"))) \
         | ((g.act != "none") & ((g.method == "rtn") | (g.method_args == "alpha=0.9")))
-    t = g[keep][["setting", "algorithm", "perplexity", "Δppl", "size MB"]]
+    cols = [c for c in ["setting", "algorithm", "perplexity", "95% CI", "Δppl", "vs FP32", "vs RTN", "size MB"]
+            if (g[keep][c] != "").any()]
+    t = g[keep][cols]
     r = g.iloc[0]
     return (f"{HEADLINE_MODEL}, WikiText-2 test perplexity (all {int(r.eval_tokens)} tokens in windows of "
-            f"{int(r.seq_len)}), {int(r.calib_samples)} calibration windows; every table and plot is in "
-            f"[docs/results.md](docs/results.md).\n\n" + md(t))
+            f"{int(r.seq_len)}), {int(r.calib_samples)} calibration windows; "
+            + ("95 % intervals by bootstrap over the evaluation windows, 'n.s.' where a row is not distinguishable "
+               "from FP32 or from round-to-nearest (paired over the same windows); " if "95% CI" in cols else "")
+            + "every table and plot is in [docs/results.md](docs/results.md).\n\n" + md(t))
 
 
 # --- benchmarks ---

@@ -121,6 +121,11 @@ class Recipe:
         return dict(self.method_args)
 
     @property
+    def needs_calibration(self) -> bool:
+        """Whether the result depends on calibration data (weight-only RTN and dynamic activations do not)."""
+        return self.method in ("gptq", "awq", "smoothquant") or self.act == "static"
+
+    @property
     def act(self) -> str:
         return "none" if self.activation is None else "dynamic" if self.activation.dynamic else "static"
 
@@ -176,9 +181,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib=None, progress: bool 
     weights under fake quantization, ready to train; call `.freeze()` on its quant modules after.
     """
     from .sequential import run_block, sequential_quantize
-    needs_calib = recipe.method in ("gptq", "awq", "smoothquant") or recipe.act == "static"
     batches = None if calib is None else list(calib)
-    if needs_calib and not batches:
+    if recipe.needs_calibration and not batches:
         raise ValueError(f"{recipe.describe()} needs calibration batches (calib=...)")
     w_kw = dict(recipe.w_observer_args)
     a_kw = dict(recipe.a_observer_args)

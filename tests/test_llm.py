@@ -150,3 +150,21 @@ def test_gguf_header_reader_matches_the_gguf_package(tmp_path):
     bad.write_bytes(b"GGML" + bytes(20))
     with pytest.raises(UsageError, match="not a GGUF file"):
         gguf_metadata(str(bad))
+
+
+def test_seeds_repeat_only_what_reads_calibration(stories, tmp_path):
+    """--seeds 3: each calibrated recipe gets a row per seed from its own calibration windows; a
+    recipe that reads no calibration data (weight-only RTN) gets one row; the report shows the spread."""
+    rows = ptq_llm.main(args_for(stories, tmp_path, "--seq_len", "64", "--eval_samples", "8", "--calib_samples", "4",
+                                 "--bits", "4", "--group_size", "32", "--act", "none", "static", "--method", "rtn", "gptq",
+                                 "--seeds", "3", "--seed", "5"))
+    seeds = pd.DataFrame(rows).groupby(["method", "act"]).seed.apply(sorted).to_dict()
+    assert seeds[("fp32", "none")] == [5] and seeds[("rtn", "none")] == [5]
+    assert seeds[("rtn", "static")] == seeds[("gptq", "none")] == seeds[("gptq", "static")] == [5, 6, 7]
+    gptq = [r["perplexity"] for r in rows if r["method"] == "gptq" and r["act"] == "none"]
+    assert len(set(gptq)) == 3  # three calibration samples, three quantized models
+    import report
+    df = report.llm_rows(pd.read_csv(tmp_path / "results" / "ptq_llm.csv")).set_index(["method", "act"])
+    mean, sd = float(pd.Series(gptq).mean()), float(pd.Series(gptq).std())
+    assert df.loc[("gptq", "none"), "over seeds"] == f"{mean:.2f} ± {sd:.2f} (3)"
+    assert df.loc[("rtn", "none"), "over seeds"] == "" and df.loc[("gptq", "none"), "seed"] == 5

@@ -179,3 +179,19 @@ def test_flips_on_a_constructed_case():
     assert s["accuracy"] == 62.5 and s["flips"] == 37.5
     assert (s["flips_right_to_wrong"], s["flips_wrong_to_right"]) == (25.0, 12.5)
     assert scored(fp32, y, fp32)["flips"] == 0.0
+
+
+def test_seeds_train_calibrate_and_report_each(tmp_path):
+    """--seeds 2: an FP32 training, a calibration sample and a row per seed; the report's cells are
+    mean ± std over the seeds (ddof 1) and its plot has error bars."""
+    rows = ptq_nn.main(quick_args(tmp_path, "--bits", "4", "--observers", "minmax", "--granularity", "channel",
+                                  "--epochs", "1", "--seeds", "2"))
+    assert [(r["method"], r["seed"]) for r in rows] == [("fp32", 0), ("ptq", 0), ("fp32", 1), ("ptq", 1)]
+    assert rows[0]["fp32_id"] != rows[2]["fp32_id"] and rows[0]["accuracy"] != rows[2]["accuracy"]
+    import report
+    df = pd.read_csv(tmp_path / "results" / "ptq_nn.csv")
+    text = report.ptq_nn(df, str(tmp_path))
+    acc = pd.Series([rows[1]["accuracy"], rows[3]["accuracy"]])
+    assert f"| {acc.mean():.2f} ± {acc.std():.2f} |" in text and "seeds 0, 1: mean ± std over seeds" in text
+    fp32 = pd.Series([rows[0]["accuracy"], rows[2]["accuracy"]])
+    assert f"FP32 accuracy {fp32.mean():.2f} ± {fp32.std():.2f} %" in text

@@ -5,10 +5,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quant import QScheme, Recipe
+from quant import QScheme, Recipe, quantize_model
 from quant.recipe import A_OBSERVERS, METHOD_ARGS
 from tests.conftest import DATA, ROOT
 
@@ -125,3 +126,13 @@ def test_quantize_model_matches_the_glue_it_replaced(method, act, tmp_path):
                          "--group_size", "32", "--act", act, "--method", method, "--skip_fp32"])
     assert len(rows) == 1 and rows[0]["perplexity"] == pytest.approx(BEFORE[(method, act)], rel=1e-3)
     assert rows[0]["recipe_id"] == Recipe.from_json(rows[0]["recipe"]).id
+
+
+def test_needs_calibration():
+    w = QScheme(4, granularity="group", group_size=32)
+    assert not Recipe(weight=w).needs_calibration
+    assert not Recipe(weight=w, activation=QScheme(8, symmetric=False, granularity="token")).needs_calibration
+    assert Recipe(weight=w, activation=QScheme(8, symmetric=False)).needs_calibration
+    assert all(Recipe(weight=w, method=m).needs_calibration for m in ("gptq", "awq"))
+    with pytest.raises(ValueError, match="needs calibration"):
+        quantize_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), Recipe(weight=QScheme(4), method="gptq"))
