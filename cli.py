@@ -108,6 +108,21 @@ def add_common_args(p, *, bits_default, calib_default):
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
 
 
+def hide_library_bars() -> None:
+    """--no_progress for the bars libraries draw with tqdm themselves too (transformers' GGUF reader,
+    compressed-tensors, which passes its own `disable`): every tqdm bar of this process is
+    disabled, whatever its caller asked for."""
+    import tqdm
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    init = tqdm.tqdm.__init__
+    if not getattr(init, "hidden_by_no_progress", False):
+        def hidden(self, *args, **kwargs):
+            init(self, *args, **{**kwargs, "disable": True})
+        hidden.hidden_by_no_progress = True
+        tqdm.tqdm.__init__ = hidden
+
+
 def per_seed(args) -> list[argparse.Namespace]:
     """The run's arguments once per seed of --seed .. --seed+--seeds-1, in order."""
     return [argparse.Namespace(**{**vars(args), "seed": args.seed + i}) for i in range(args.seeds)]

@@ -37,6 +37,7 @@ from cli import (
     add_common_args,
     bits_type,
     check_writable,
+    hide_library_bars,
     parse_with_config,
     per_seed,
     percentile_type,
@@ -267,8 +268,7 @@ def main(argv=None):
     seeds = [a.seed for a in per_seed(args)]
     calibs = {seed: calib_windows(calib_ids, args.calib_samples, args.seq_len, seed) for seed in seeds}
     if args.no_progress:
-        import transformers
-        transformers.utils.logging.disable_progress_bar()
+        hide_library_bars()
     model = load_model(args.model_name, device, dtype, args.gguf_file, args.device_map)
     eval_tokens = windows.numel()
     source, source_gguf, _ = resolve_model(args.model_name, args.gguf_file)

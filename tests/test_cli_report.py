@@ -175,3 +175,18 @@ def test_report_marks_what_is_not_significant(tmp_path):
     assert df.loc["rtn", "95% CI"] == "29.00–33.00"
     text = report.ptq_llm(pd.DataFrame(rows), str(tmp_path))
     assert "vs RTN" in text and "n.s." in text and "top-1 agree" in text and "90.0%" in text
+
+
+def test_rows_without_the_float_pass_get_their_fp32_verdict_from_the_windows(tmp_path):
+    """--skip_fp32 rows store no ln-ratio interval; the report pairs their windows with the FP32 row's."""
+    from quant import QScheme, Recipe
+    from stats import encode
+    base = np.random.default_rng(1).normal(4.0, 0.5, size=60)
+    common = dict(w_bits=4, a_bits=32, act="none", observer="", granularity="group", group_size=32)
+    rows = [_llm_row(method="fp32", w_bits=32, a_bits=32, act="none", observer="", granularity="", perplexity=30.0,
+                     recipe_id="fp32", window_nll=encode(base))]
+    for m, nll in (("gptq", base + 0.2), ("awq", base + np.random.default_rng(2).normal(0, 0.01, size=60))):
+        r = Recipe(weight=QScheme(4, granularity="group", group_size=32), method=m)
+        rows.append(_llm_row(method=m, recipe_id=r.id, recipe=r.to_json(), window_nll=encode(nll), **common))
+    df = report.llm_rows(pd.DataFrame(rows)).set_index("method")
+    assert (df.loc["gptq", "vs FP32"], df.loc["awq", "vs FP32"]) == ("higher", "n.s.")
