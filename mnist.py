@@ -178,6 +178,15 @@ def fp32_model(data, args) -> MLP:
     return model
 
 
+def load_subsets(args) -> dict:
+    """MNIST as the scripts use it: --train_subset / --test_subset applied (the first N images)."""
+    data = load_mnist(args.data_dir)
+    for split, n in (("train", args.train_subset), ("test", args.test_subset)):
+        if n:
+            data[split] = tuple(t[:n] for t in data[split])
+    return data
+
+
 def add_mnist_args(p):
     p.add_argument("--epochs", type=positive_int, default=10, help="FP32 training epochs when no checkpoint is reused (default: 10)")
     p.add_argument("--retrain", action="store_true", help="train the FP32 model even if a checkpoint exists")

@@ -15,7 +15,7 @@ import time
 import torch
 
 from cli import Parser, UsageError, add_common_args, check_writable, parse_with_config, per_seed, percentile_type, run
-from mnist import add_mnist_args, fp32_model, fp32_settings, load_mnist, predictions, scored
+from mnist import add_mnist_args, fp32_model, fp32_settings, load_subsets, predictions, scored
 from quant import OBSERVERS, QScheme, Recipe, float_size_bytes, quantize_model, quantized_size_bytes, save_quantized
 from results import Results, code_version, environment, settings_id, timestamp
 
@@ -93,11 +93,7 @@ def main(argv=None):
     results = Results(args.results_dir, EXPERIMENT, SUMMARY)
     if args.save_model:
         check_writable(args.models_dir, "--models_dir")
-    data = load_mnist(args.data_dir)
-    if args.train_subset:
-        data["train"] = tuple(t[: args.train_subset] for t in data["train"])
-    if args.test_subset:
-        data["test"] = tuple(t[: args.test_subset] for t in data["test"])
+    data = load_subsets(args)
     for seed_args in per_seed(args):  # each seed: its own FP32 training and calibration sample
         run_seed(seed_args, data, results)
     print(results.summary())

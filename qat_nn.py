@@ -12,7 +12,7 @@ import copy
 import time
 
 from cli import Parser, add_common_args, check_writable, parse_with_config, per_seed, positive_float, positive_int, run
-from mnist import accuracy, add_mnist_args, fp32_model, fp32_settings, load_mnist, predictions, scored, train
+from mnist import accuracy, add_mnist_args, fp32_model, fp32_settings, load_subsets, predictions, scored, train
 from ptq_nn import add_ptq_args, calib_batches, ptq, recipe_for, save_mlp, schemes
 from quant import float_size_bytes, quant_modules, quantize_model, quantized_size_bytes
 from results import Results, code_version, environment, settings_id, timestamp
@@ -47,11 +47,7 @@ def main(argv=None):
     results = Results(args.results_dir, EXPERIMENT, SUMMARY)
     if args.save_model:
         check_writable(args.models_dir, "--models_dir")
-    data = load_mnist(args.data_dir)
-    if args.train_subset:
-        data["train"] = tuple(t[: args.train_subset] for t in data["train"])
-    if args.test_subset:
-        data["test"] = tuple(t[: args.test_subset] for t in data["test"])
+    data = load_subsets(args)
     for seed_args in per_seed(args):  # each seed: its own FP32 training, calibration sample and QAT shuffling
         run_seed(seed_args, data, results)
     print(results.summary())
