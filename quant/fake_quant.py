@@ -45,10 +45,14 @@ def fake_quantize(x, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
     range, 0 outside; no gradient to scale or zero point."""
     if torch.is_grad_enabled() and x.requires_grad:
         return _FakeQuantSTE.apply(x, scale, zero_point, qmin, qmax).to(x.dtype)
-    # inference: one new tensor, then in-place passes (the same arithmetic as _fq)
-    y = x * (1.0 / scale)
-    y.round_().clamp_(qmin - zero_point, qmax - zero_point).mul_(scale)
-    return y.to(x.dtype)
+    return fake_quantize_prepared(x, 1.0 / scale, scale, qmin - zero_point, qmax - zero_point).to(x.dtype)
+
+
+def fake_quantize_prepared(x, inv_scale, scale, lo, hi) -> torch.Tensor:
+    """Inference fake-quant given 1 / scale and the offset bounds qmin - zp, qmax - zp (the
+    same arithmetic as _fq), for loops that reuse one scale many times (GPTQ's columns): one
+    new tensor, then in-place passes."""
+    return (x * inv_scale).round_().clamp_(lo, hi).mul_(scale)
 
 
 def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:

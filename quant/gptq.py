@@ -13,7 +13,7 @@ Hessian comes from the inputs it gets once the layers before it are quantized.
 """
 import torch
 
-from .fake_quant import fake_quantize
+from .fake_quant import fake_quantize_prepared
 from .observers import _mse_best_ratio
 from .scheme import QScheme, qparams_from_range, row_qparams
 
@@ -75,23 +75,36 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QScheme, block_size:
     L = torch.linalg.cholesky(H)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
 
+    grid = {}  # group -> the fake-quant operands of its current scales
+
+    def operands(group):
+        if group not in grid:
+            s, z = scales[:, group], zeros[:, group]
+            grid[group] = (1.0 / s, s, scheme.qmin - z, scheme.qmax - z)
+        return grid[group]
+
     Q = torch.zeros_like(W)
+    cols = perm.tolist()  # read on the host once: indexing a device tensor per column syncs
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])
+            col = cols[i1 + i]
             group = col // g if g else 0
             if lazy_groups and col % g == 0:
                 # this group's scales, from its columns as updated so far
-                s, z = _params(torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :g], scheme, mse)
+                ahead = W1[:, i:i + g]
+                if ahead.shape[1] < g:
+                    ahead = torch.cat([ahead, W[:, i2:i2 + g - ahead.shape[1]]], 1)
+                s, z = _params(ahead, scheme, mse)
                 scales[:, group], zeros[:, group] = s[:, 0], z[:, 0]
+                grid.pop(group, None)
             w = W1[:, i]
-            q = fake_quantize(w, scales[:, group], zeros[:, group], scheme.qmin, scheme.qmax)
+            q = fake_quantize_prepared(w, *operands(group))
             Q[:, i1 + i] = q
             err = (w - q) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     Q = Q[:, torch.argsort(perm)]
@@ -125,10 +138,19 @@ def gptq_block(block, inputs: list, scheme_for, a_scheme=None, skip=(), **gptq_k
         hessian = Hessian(weight_matrix(linears[lead]).shape[1], device=linears[lead].weight.device)
         with activation_quant_disabled(block):
             collect_inputs(block, inputs, {lead: block.get_submodule(lead)}, lambda name, x: hessian.add(x))
-        for name in [n for n in linears if owner[n] == lead]:
-            m = linears[name]
-            scheme = scheme_for(name, m)
-            q, scale, zp = gptq_quantize(weight_matrix(m), hessian.H, scheme, **gptq_kwargs)
-            qm = QuantLinear.from_module(m, scheme, a_scheme, fit_weight=False)
-            qm.set_quantized_weight(q, scale, zp)
-            replace_module(block, name, qm)
+        names = [n for n in linears if owner[n] == lead]
+        schemes = {n: scheme_for(n, linears[n]) for n in names}
+        # GPTQ treats every row alike given H, so the layers sharing H (q/k/v, gate/up) are
+        # quantized as one matrix of stacked rows: one column loop instead of one per layer
+        # (not with per-tensor scales: one scale would then span the layers)
+        first = schemes[names[0]]
+        stack = len(names) > 1 and first.granularity != "tensor" and all(sc == first for sc in schemes.values())
+        for batch in [names] if stack else [[n] for n in names]:
+            ws = [weight_matrix(linears[n]) for n in batch]
+            q, scale, zp = gptq_quantize(torch.cat(ws) if stack else ws[0], hessian.H, schemes[batch[0]], **gptq_kwargs)
+            rows = [w.shape[0] for w in ws]
+            parts = zip(q.split(rows), scale.split(rows), zp.split(rows)) if stack else [(q, scale, zp)]
+            for name, (q, scale, zp) in zip(batch, parts):
+                qm = QuantLinear.from_module(linears[name], schemes[name], a_scheme, fit_weight=False)
+                qm.set_quantized_weight(q, scale, zp)  # (it copies scale and zero point: no views into the stack)
+                replace_module(block, name, qm)

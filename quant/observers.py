@@ -137,22 +137,32 @@ class Histogram:
 
 def _mse_best_ratio(values: torch.Tensor, weights: torch.Tensor | None, scheme: QScheme) -> torch.Tensor:
     """For each row of `values`, the ratio a in MSE_GRID for which quantizing the row over
-    [a * min, a * max] gives the least (weighted) squared error. Rows are processed in chunks
-    so that memory stays bounded."""
-    best_ratio = torch.ones(values.shape[0], device=values.device)
-    chunk = max(1, (1 << 22) // max(values.shape[1], 1))
-    for start in range(0, values.shape[0], chunk):
+    [a * min, a * max] gives the least (weighted) squared error (the first such a on ties).
+    Many ratios are tried in one pass (a leading ratio dimension: a few launches instead of a
+    few per ratio, which is what a GPU needs); rows and ratios are chunked so that one pass
+    holds at most 2^22 elements."""
+    budget = 1 << 22
+    n_rows, n_cols = values.shape
+    grid = MSE_GRID.to(values.device)
+    per_pass = max(1, budget // max(n_cols, 1))  # (ratio, row) pairs per pass
+    n_a = min(len(grid), per_pass)
+    chunk = max(1, per_pass // n_a)
+    best_ratio = torch.ones(n_rows, device=values.device)
+    for start in range(0, n_rows, chunk):
         v = values[start:start + chunk]
         w = None if weights is None else weights[start:start + chunk]
         mn, mx = v.amin(1, keepdim=True), v.amax(1, keepdim=True)
         best = torch.full((v.shape[0],), math.inf, device=v.device)
-        for a in MSE_GRID.tolist():
-            scale, zp = qparams_from_range(a * mn, a * mx, scheme)
+        ratio = best_ratio[start:start + chunk]
+        for a0 in range(0, len(grid), n_a):
+            a = grid[a0:a0 + n_a].view(-1, 1, 1)
+            scale, zp = qparams_from_range(a * mn, a * mx, scheme)  # (ratios, rows, 1)
             err = (fake_quantize(v, scale, zp, scheme.qmin, scheme.qmax) - v).pow_(2)
-            err = (err * w if w is not None else err).sum(1)
-            better = err < best
-            best = torch.where(better, err, best)
-            best_ratio[start:start + chunk] = torch.where(better, a, best_ratio[start:start + chunk])
+            err = (err * w if w is not None else err).sum(-1)  # (ratios, rows)
+            low, idx = err.min(0)  # first minimum on ties, as a strict < over the ratios in order
+            better = low < best
+            best = torch.where(better, low, best)
+            ratio.copy_(torch.where(better, grid[a0:a0 + n_a][idx], ratio))
     return best_ratio
 
 

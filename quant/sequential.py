@@ -50,11 +50,25 @@ def run_block(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
 @torch.no_grad()
 def collect_inputs(block: nn.Module, inputs: list, modules: dict, observe) -> None:
     """Run the block on every calibration input, calling observe(name, x) with the input of
-    each module in `modules` ({name: module}); nothing is kept unless `observe` keeps it."""
-    handles = [m.register_forward_pre_hook(lambda mod, a, name=name: observe(name, a[0])) for name, m in modules.items()]
+    each module in `modules` ({name: module}); nothing is kept unless `observe` keeps it.
+    Each forward stops as soon as every module has seen its input: the rest of the block
+    (all of it after the q/k/v inputs, say) would be computed for nothing."""
+    seen = set()
+
+    def hook(name, x):
+        observe(name, x)
+        seen.add(name)
+        if len(seen) == len(modules):
+            raise _StopForward
+
+    handles = [m.register_forward_pre_hook(lambda mod, a, name=name: hook(name, a[0])) for name, m in modules.items()]
     try:
         for args, kwargs in inputs:
-            run_block(block, args, kwargs)
+            seen.clear()
+            try:
+                run_block(block, args, kwargs)
+            except _StopForward:
+                pass
     finally:
         for h in handles:
             h.remove()

@@ -90,6 +90,52 @@ def test_gptq_reduces_layer_output_error_against_rtn(source):
     assert total_gptq < 0.8 * total_rtn
 
 
+def test_collect_inputs_stops_once_every_module_has_its_input(source):
+    """Observing only the first layers' inputs gives the same inputs as a full forward and never
+    runs the rest of the block."""
+    model, batches = load(source)
+    blocks = decoder_blocks(model)
+    inputs = first_block_inputs(model, blocks, batches, "cpu")
+    block = blocks[0]
+    linears = {n: m for n, m in block.named_modules() if is_linear(m)}
+    first, last = next(iter(linears)), list(linears)[-1]
+    full, early, ran_last = [], [], []
+    collect_inputs(block, inputs, linears, lambda name, x: full.append(x.clone()) if name == first else None)
+    handle = linears[last].register_forward_pre_hook(lambda *a: ran_last.append(1))
+    try:
+        collect_inputs(block, inputs, {first: linears[first]}, lambda name, x: early.append(x.clone()))
+    finally:
+        handle.remove()
+    assert not ran_last and len(early) == len(full) == len(inputs)
+    assert all(torch.equal(a, b) for a, b in zip(early, full))
+
+
+@pytest.mark.parametrize("act_order,mse", [(False, False), (True, True)])
+def test_gptq_block_stacks_layers_sharing_a_hessian_exactly(source, act_order, mse):
+    """q/k/v (and gate/up) go through one GPTQ call on their stacked rows: the same weights,
+    scales and zero points as one call per layer on the shared Hessian."""
+    model, batches = load(source)
+    blocks = decoder_blocks(model)
+    inputs = first_block_inputs(model, blocks, batches, "cpu")
+    block = blocks[0]
+    linears = {n: m for n, m in block.named_modules() if is_linear(m)}
+    groups = [[n for n in cons if n in linears] for _, _, cons in scale_groups(block, norms_only=True)]
+    lead = max(groups, key=len)
+    if len(lead) == 1:
+        pytest.skip("GPT-2 fuses q/k/v into one layer and has no gate/up: no layers share a Hessian")
+    hessian = Hessian(weight_matrix(linears[lead[0]]).shape[1])
+    collect_inputs(block, inputs, {lead[0]: linears[lead[0]]}, lambda name, x: hessian.add(x))
+    want = {n: gptq_quantize(weight_matrix(linears[n]), hessian.H, scheme_for(n, linears[n]), act_order=act_order, mse=mse)
+            for n in lead}
+    gptq_block(block, inputs, scheme_for, act_order=act_order, mse=mse)
+    for n in lead:
+        got = block.get_submodule(n)
+        q, scale, zp = want[n]
+        assert torch.equal(weight_matrix(got), q)
+        assert torch.equal(got.weight_quant.scale, scale) and torch.equal(got.weight_quant.zero_point, zp)
+        assert got.weight_quant.scale.untyped_storage().nbytes() == scale.numel() * 4  # its own storage, not the stack's
+
+
 @pytest.mark.parametrize("algorithm", ["gptq", "awq"])
 def test_block_algorithms_beat_rtn_on_block_output(source, algorithm):
     model, batches = load(source)

@@ -150,3 +150,28 @@ def test_histogram_growth_keeps_mass_and_bounded_size():
         h.add(torch.randn(10_000) * i)
     assert h.counts.numel() == 512 and float(h.counts.sum()) == 50_000
     assert abs(h.quantile(0.5)) < 0.2
+
+
+@pytest.mark.parametrize("bits,symmetric,weighted", [(4, False, False), (3, True, False), (8, False, True)])
+@pytest.mark.parametrize("cols", [1, 64, 50_000])  # the last forces ratio chunks of fewer than the whole grid
+def test_mse_search_equals_one_ratio_at_a_time(bits, symmetric, weighted, cols):
+    """The batched grid search picks what trying each ratio in turn with a strict < picks (the
+    first of equal errors too: rows of one repeated value tie across many ratios)."""
+    from quant.fake_quant import fake_quantize
+    from quant.observers import MSE_GRID, _mse_best_ratio
+    from quant.scheme import qparams_from_range
+    g = torch.Generator().manual_seed(cols)
+    v = torch.randn(5, cols, generator=g) * torch.tensor([[1.0], [10.0], [0.1], [1.0], [1.0]])
+    v[3] = 0.5  # constant row: ties
+    v[4, :1] = 40.0  # an outlier
+    w = torch.rand(5, cols, generator=g) if weighted else None
+    scheme = QScheme(bits, symmetric=symmetric)
+    best, want = torch.full((5,), math.inf), torch.ones(5)
+    mn, mx = v.amin(1, keepdim=True), v.amax(1, keepdim=True)
+    for a in MSE_GRID.tolist():
+        s, z = qparams_from_range(a * mn, a * mx, scheme)
+        err = (fake_quantize(v, s, z, scheme.qmin, scheme.qmax) - v).pow(2)
+        err = (err * w if w is not None else err).sum(1)
+        want = torch.where(err < best, a, want)
+        best = torch.minimum(err, best)
+    assert torch.equal(_mse_best_ratio(v, w, scheme), want)
