@@ -59,7 +59,8 @@ def quantize_llmcompressor(model, calib, spec):
                "group_size": spec["group_size"], "observer": spec["ranges"]}
     modifier = GPTQModifier(config_groups={"g": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"],
                             actorder="static", dampening_frac=0.01, block_size=128)
-    oneshot(model=model, processor=load_tokenizer(spec["model_name"]), dataset=Dataset.from_dict({"input_ids": calib.tolist()}), recipe=modifier,
+    dataset = Dataset.from_dict({"input_ids": calib.tolist()})
+    oneshot(model=model, processor=load_tokenizer(spec["model_name"]), dataset=dataset, recipe=modifier,
             num_calibration_samples=len(calib), max_seq_length=calib.shape[1], batch_size=spec["batch_size"],
             shuffle_calibration_samples=False, pipeline="sequential")
     return f"GPTQModifier W{spec['bits']} g{spec['group_size']} asym actorder=static observer={spec['ranges']}"
