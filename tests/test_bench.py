@@ -43,3 +43,26 @@ def test_report_bench_tables_per_machine_latest_row_per_variant():
     rows = {c[0]: c[-1] for c in cells[1:]}  # variant -> code
     assert rows == {"float": "b", "x": "a"}  # the newest float row; x as last measured, with its run named
     assert gpu.count("| c ") == 2
+
+
+def test_gptq_peer_bench_runs_ours_and_matches_quantize_model(tmp_path):
+    """The peer bench's own run of this project's GPTQ writes a row whose perplexity is what
+    quantize_model + evaluate give in this process on the same windows (the peer is not installed here)."""
+    import torch
+
+    from llm import calib_windows, eval_windows, evaluate, load_model, load_tokenizer, tokenize, wikitext_text
+    from quant import QScheme, Recipe, quantize_model
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "gptq_peer.py"), "--model_name", "stories260K", "--runs", "ours minmax",
+           "--calib_samples", "4", "--seq_len", "64", "--eval_samples", "2", "--group_size", "4", "--device", "cpu",
+           "--results_dir", str(tmp_path)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    row = pd.read_csv(tmp_path / "bench_gptq.csv").iloc[0]
+    assert row.run == "ours minmax" and row.quantize_s > 0 and row.eval_windows == 2
+    tok = load_tokenizer("stories260K")
+    calib = calib_windows(tokenize(tok, wikitext_text("validation", None)), 4, 64, 0)
+    test = eval_windows(tokenize(tok, wikitext_text("test", None)), 64, 2)
+    torch.manual_seed(0)
+    model = load_model("stories260K", "cpu")
+    quantize_model(model, Recipe(weight=QScheme(4, symmetric=False, granularity="group", group_size=4), method="gptq",
+                                 method_args={"act_order": True}), calib.split(4), progress=False)
+    assert abs(row.perplexity - evaluate(model, test, 4, "cpu", progress=False, stats=False)["perplexity"]) < 1e-3
