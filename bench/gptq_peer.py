@@ -116,6 +116,7 @@ def main(argv=None):
     import torch
 
     from llm import calib_windows, eval_windows, load_model, load_tokenizer, tokenize, wikitext_text
+    from quant.export import as_float_model
     from results import append_rows, code_version, timestamp
     device = pick_device(args.device)
     check_writable(args.results_dir, "--results_dir")
@@ -128,9 +129,7 @@ def main(argv=None):
         # model read from a GGUF file (its config says "gguf"), though it is dequantized to float
         folder = os.path.join(tmp, "float")
         model = load_model(args.model_name, "cpu")
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        as_float_model(model)
         model.save_pretrained(folder)
         tok.save_pretrained(folder)
         del model

@@ -107,6 +107,15 @@ def export_problem(model: nn.Module, fmt: str, recipe=None) -> str | None:
     return next((p for p in (_ct_problem(*layer) for layer in layers) if p), None)
 
 
+def as_float_model(model) -> None:
+    """Drop a GGUF origin from a model in place. A model read from a GGUF file was dequantized on
+    load and is a float model, but its quantizer and config still say "gguf": transformers then
+    refuses to save it, and llm-compressor refuses to calibrate it."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
 @torch.no_grad()
 def save_compressed_tensors(model: nn.Module, folder: str, tokenizer=None) -> dict:
     """Write `model` (quantized by quantize_model) as a compressed-tensors folder loadable by
@@ -118,11 +127,7 @@ def save_compressed_tensors(model: nn.Module, folder: str, tokenizer=None) -> di
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, apply_quantization_config
 
     out = copy.deepcopy(model)
-    # a model read from a GGUF file was dequantized on load: it is a float model now, and
-    # transformers refuses to save one that still names its GGUF quantizer
-    out.hf_quantizer = None
-    if hasattr(out.config, "quantization_config"):
-        del out.config.quantization_config
+    as_float_model(out)
     groups, params = {}, {}
     for name, q in quant_modules(out).items():
         w = q.weight_quant.scheme
