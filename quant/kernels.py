@@ -3,9 +3,10 @@ run PyTorch's integer kernels, so the quantized model actually saves memory and 
 
   Int8WeightOnlyLinear  int8 per-channel symmetric weights, float activations: torch._weight_int8pack_mm
                         for up to 8 rows (on CPU in bfloat16); more rows: a GEMM on the codes
-  Int4WeightOnlyLinear  int4 per-group weights (group 32..256), bfloat16 activations (the layer
-                        rounds its input, a relative error of up to 2^-9):
-                        torch._weight_int4pack_mm_for_cpu on CPU, torch._weight_int4pack_mm on CUDA
+  Int4WeightOnlyLinear  int4 per-group weights: on CPU the project's own kernel (quant/csrc/int4.cpp,
+                        float activations, any group that is a multiple of 32); on CUDA, or
+                        without a C++ compiler, PyTorch's _weight_int4pack_mm(_for_cpu) (groups
+                        32..256, bfloat16 activations)
   Int8DynamicLinear     int8 per-channel weights x int8 per-token symmetric activations quantized
                         on the fly: torch._int_mm (exact int32 accumulation), then both scales
   Int8StaticLinear      int8 per-channel weights x 8-bit per-tensor static activations (the
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from . import native
 from .modules import Quantizer, QuantLinear, quant_modules, replace_module
 
 INT4_GROUPS = (32, 64, 128, 256)
@@ -75,16 +77,36 @@ class Int8WeightOnlyLinear(nn.Module):
 
 
 class Int4WeightOnlyLinear(nn.Module):
+    """w = (q - zp) * scale per group, as 4-bit codes u = q - qmin in [0, 16).
+
+    On CPU, with the project's own kernel (quant.native): float32 activations, exact up to float
+    rounding. Up to GEMV_ROWS rows (decoding) it reads the packed codes once per call; for more
+    rows (prefill) it unpacks them into a float weight for one GEMM, which then costs about what
+    the float layer does. Without a C++ compiler, and on CUDA, PyTorch's int4 kernels: those take
+    bfloat16 activations (the layer rounds its input, a relative error of up to 2^-9) and pack
+    the codes their own way."""
+    GEMV_ROWS = 8
+
     def __init__(self, q: IntLayer, inner_k_tiles: int = 2):
         super().__init__()
         s = q.weight_quant.scheme
         self.group_size = s.group_size
         codes = q.codes.reshape(q.out_features, q.in_features).to(torch.int32)
-        # the kernel computes w = (u - 8) * scale + zero with u in [0, 16); ours is (q - zp) * scale.
-        # With u = q - qmin: (q - zp) * scale = (u - 8) * scale + (8 + qmin - zp) * scale.
         u = codes - s.qmin
         scale = q.weight_quant.scale.reshape(q.out_features, -1).float()
-        zero = (8 + s.qmin - q.weight_quant.zero_point.reshape(q.out_features, -1).float()) * scale
+        zero_point = q.weight_quant.zero_point.reshape(q.out_features, -1).float()
+        self.bias = None if q.bias is None else nn.Parameter(q.bias.detach().clone(), requires_grad=False)
+        self.native = not q.is_cuda and native.library() is not None
+        if self.native:
+            # (q - zp) * scale = u * scale + (qmin - zp) * scale; the layout is quant/csrc/int4.cpp's
+            n, k = u.shape
+            u = u.reshape(n, k // 32, 2, 16).to(torch.uint8)
+            self.register_buffer("weight_int4", (u[:, :, 0] | u[:, :, 1] << 4).reshape(n, k // 2).contiguous())
+            self.register_buffer("scale", scale.contiguous())
+            self.register_buffer("offset", ((s.qmin - zero_point) * scale).contiguous())
+            return
+        # PyTorch's kernels compute w = (u - 8) * scale + zero: (q - zp) * scale = (u - 8) * scale + (8 + qmin - zp) * scale
+        zero = (8 + s.qmin - zero_point) * scale
         if q.is_cuda:  # (the two kernels pack differently)
             packed_u8 = (u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8)
             self.register_buffer("weight_int4", torch._convert_weight_to_int4pack(packed_u8, inner_k_tiles))
@@ -92,18 +114,35 @@ class Int4WeightOnlyLinear(nn.Module):
             self.register_buffer("weight_int4", torch._convert_weight_to_int4pack_for_cpu(u, inner_k_tiles))
         # in bfloat16 once, here: the kernels take nothing else, and a conversion per call costs decode time
         self.register_buffer("scales_and_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous().bfloat16())
-        self.bias = None if q.bias is None else nn.Parameter(q.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x):
         x2 = x.reshape(-1, x.shape[-1])
-        # both kernels run in bfloat16: the CUDA one takes nothing else, the CPU one is 20-100x
-        # slower in float32 (a scalar loop; measured here)
+        y = self._native(x2) if self.native else self._torch(x2)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+    def _native(self, x2):
+        lib, threads = native.library(), torch.get_num_threads()
+        x2 = x2.float().contiguous()
+        w, scale, offset = self.weight_int4, self.scale.float().contiguous(), self.offset.float().contiguous()
+        (n, half_k), rows = w.shape, x2.shape[0]
+        if rows <= self.GEMV_ROWS:
+            y = torch.empty(rows, n)
+            lib.int4_gemv(x2.data_ptr(), w.data_ptr(), scale.data_ptr(), offset.data_ptr(), y.data_ptr(),
+                          rows, n, 2 * half_k, self.group_size, threads)
+            return y
+        weight = torch.empty(n, 2 * half_k)
+        lib.int4_dequantize(w.data_ptr(), scale.data_ptr(), offset.data_ptr(), weight.data_ptr(),
+                            n, 2 * half_k, self.group_size, threads)
+        return x2 @ weight.t()
+
+    def _torch(self, x2):
+        # both run in bfloat16: the CUDA one takes nothing else, the CPU one is 20-100x slower in
+        # float32 (a scalar loop; measured here)
         mm = torch._weight_int4pack_mm if self.weight_int4.is_cuda else torch._weight_int4pack_mm_for_cpu
         sz = self.scales_and_zeros  # (a model.to(dtype) may have converted it since)
         sz = sz if sz.dtype == torch.bfloat16 else sz.bfloat16()
-        y = mm(x2.bfloat16(), self.weight_int4, self.group_size, sz).to(x.dtype)
-        y = y.reshape(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias
+        return mm(x2.bfloat16(), self.weight_int4, self.group_size, sz)
 
 
 class _LastInput:
@@ -243,6 +282,11 @@ def kernel_for(q: IntLayer):
     if int8_channel:
         return Int8WeightOnlyLinear, None
     if w.bits == 4 and w.granularity == "group":
+        if not q.is_cuda and native.library() is not None:
+            if w.group_size % 32 or q.in_features % w.group_size:
+                return None, (f"int4 kernel needs in_features ({q.in_features}) to be a multiple of the group "
+                              f"({w.group_size}), and the group a multiple of 32")
+            return Int4WeightOnlyLinear, None
         if w.group_size not in INT4_GROUPS:
             return None, f"int4 kernel needs a group size in {INT4_GROUPS}, got {w.group_size}"
         if q.in_features % w.group_size or q.in_features % 32:

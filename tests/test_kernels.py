@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 from conftest import DATA
 
-from quant import QScheme, calibrate, quantize_linears
+from quant import QScheme, calibrate, native, quantize_linears
 from quant import float_size_bytes as weight_bytes
 from quant.kernels import Int4WeightOnlyLinear, Int8DynamicLinear, Int8StaticLinear, Int8WeightOnlyLinear, convert_to_int
 
@@ -46,10 +46,49 @@ def test_converted_matches_fake_quant(w, a, cls, device):
         out = model(x)
     assert report == {"0": cls.__name__, "2": cls.__name__}
     assert isinstance(model[0], cls)
-    # stated tolerance: float accumulation order only, 1e-5 of the output scale; the int4 kernels
-    # take bfloat16 activations (8 significant bits), hence 1e-2 there
-    tol = 1e-2 if cls is Int4WeightOnlyLinear else 1e-5
+    # stated tolerance: float accumulation order only, 1e-5 of the output scale; PyTorch's int4
+    # kernels (on CUDA) take bfloat16 activations (8 significant bits), hence 1e-2 there
+    tol = 1e-2 if cls is Int4WeightOnlyLinear and device == "cuda" else 1e-5
     assert torch.allclose(out, ref, rtol=0, atol=tol * float(ref.abs().max()))
+
+
+needs_compiler = pytest.mark.skipif(native.library() is None, reason="no C++ compiler for quant/csrc")
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])  # the GEMV up to GEMV_ROWS, then unpack + GEMM
+@pytest.mark.parametrize("w", [QScheme(4, granularity="group", group_size=96),
+                               QScheme(4, symmetric=False, granularity="group", group_size=32),
+                               QScheme(4, symmetric=False, signed=False, granularity="group", group_size=192)])
+def test_native_int4_matches_fake_quant(w, rows):
+    """Our CPU kernel on shapes PyTorch's refuses (a group of 96 or 192, 42 output rows: a block
+    of 4 rows plus a remainder), against the fake-quantized layer, float rounding only."""
+    torch.manual_seed(rows)
+    model = nn.Sequential(nn.Linear(576, 42)).eval()
+    quantize_linears(model, w)
+    x = torch.randn(rows, 576)
+    with torch.no_grad():
+        ref = model(x)
+        assert convert_to_int(model) == {"0": "Int4WeightOnlyLinear"}
+        assert model[0].native
+        out = model(x)
+    assert torch.allclose(out, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_int4_without_compiler_uses_pytorch_kernel(monkeypatch):
+    monkeypatch.setattr(native, "library", lambda: None)
+    model = mlp()
+    quantize_linears(model, QScheme(4, symmetric=False, granularity="group", group_size=64))
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        ref = model(x)
+        assert convert_to_int(model) == {"0": "Int4WeightOnlyLinear", "2": "Int4WeightOnlyLinear"}
+        assert not model[0].native
+        out = model(x)
+    assert torch.allclose(out, ref, rtol=0, atol=1e-2 * float(ref.abs().max()))  # bfloat16 activations
+    model = nn.Sequential(nn.Linear(64, 40))
+    quantize_linears(model, QScheme(4, granularity="group", group_size=32))
+    assert "multiple of 16" in convert_to_int(model)["0"]
 
 
 def test_unsupported_layers_stay_fake_quant_with_reason():
@@ -61,9 +100,6 @@ def test_unsupported_layers_stay_fake_quant_with_reason():
     model = nn.Sequential(nn.Linear(784, 16))
     quantize_linears(model, QScheme(4, granularity="group", group_size=128))
     assert "multiple of the group" in convert_to_int(model)["0"]
-    model = nn.Sequential(nn.Linear(64, 40))
-    quantize_linears(model, QScheme(4, granularity="group", group_size=32))
-    assert "multiple of 16" in convert_to_int(model)["0"]
 
 
 def test_int_weights_take_less_memory():
