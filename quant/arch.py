@@ -1,6 +1,7 @@
 """What depends on the model's architecture, in one place: which modules are linear layers and
 how their weights are oriented (GPT-2's Conv1D stores (in, out)), where the decoder blocks are,
-which linears read the same input and what produces it (for the SmoothQuant / AWQ folds), and
+which linears read the same input and what produces it (for the SmoothQuant / AWQ folds and the
+fused int4 decoding), and
 how a per-input-channel scale is folded into a producer and its consumers."""
 import torch
 import torch.nn as nn
@@ -71,6 +72,18 @@ def scale_groups(block: nn.Module, norms_only: bool = False) -> list:
             continue
         found.append((prod_name, prod, cons))
     return found
+
+
+def shared_inputs(block: nn.Module) -> list[dict]:
+    """[{name: module}] of the modules in this block that read one and the same input tensor (the
+    consumers of one norm: q/k/v, gate/up), whatever the modules have become."""
+    found = []
+    for _, cons_names in MAPPINGS:
+        try:
+            found.append({n: block.get_submodule(n) for n in cons_names})
+        except AttributeError:
+            continue
+    return [group for group in found if len(group) > 1]
 
 
 @torch.no_grad()

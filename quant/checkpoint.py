@@ -149,7 +149,7 @@ def load_quantized(model: torch.nn.Module, folder: str, kernels: bool = False) -
     overwritten): the listed layers become QuantLinear with the saved codes and scales. With
     kernels=True, each layer that has an integer kernel (quant.kernels) is built straight from
     its packed codes instead, never holding a float weight; the others stay QuantLinear."""
-    from .kernels import IntLayer, kernel_for
+    from .kernels import IntLayer, fuse_siblings, kernel_for
     config = read_config(folder)
     with safe_open(os.path.join(folder, "model.safetensors"), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -206,4 +206,6 @@ def load_quantized(model: torch.nn.Module, folder: str, kernels: bool = False) -
     missing = [k for k in missing if not k.startswith(tuple(owned))]
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if kernels:
+        fuse_siblings(model)
     return model

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from . import native
+from .arch import decoder_blocks, shared_inputs
 from .modules import Quantizer, QuantLinear, quant_modules, replace_module
 
 INT4_GROUPS = (32, 64, 128, 256)
@@ -97,6 +98,7 @@ class Int4WeightOnlyLinear(nn.Module):
         zero_point = q.weight_quant.zero_point.reshape(q.out_features, -1).float()
         self.bias = None if q.bias is None else nn.Parameter(q.bias.detach().clone(), requires_grad=False)
         self.native = not q.is_cuda and native.library() is not None
+        self.siblings = None  # (_Siblings, rows, its views' addresses) once fused with the layers that read the same input
         if self.native:
             # (q - zp) * scale = u * scale + (qmin - zp) * scale; the layout is quant/csrc/int4.cpp's
             n, k = u.shape
@@ -116,25 +118,18 @@ class Int4WeightOnlyLinear(nn.Module):
         self.register_buffer("scales_and_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous().bfloat16())
 
     def forward(self, x):
-        x2 = x.reshape(-1, x.shape[-1])
-        y = self._native(x2) if self.native else self._torch(x2)
+        y = self._native(x) if self.native else self._torch(x.reshape(-1, x.shape[-1]))
         y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
-    def _native(self, x2):
-        lib, threads = native.library(), torch.get_num_threads()
-        x2 = x2.float().contiguous()
-        w, scale, offset = self.weight_int4, self.scale.float().contiguous(), self.offset.float().contiguous()
-        (n, half_k), rows = w.shape, x2.shape[0]
-        if rows <= self.GEMV_ROWS:
-            y = torch.empty(rows, n)
-            lib.int4_gemv(x2.data_ptr(), w.data_ptr(), scale.data_ptr(), offset.data_ptr(), y.data_ptr(),
-                          rows, n, 2 * half_k, self.group_size, threads)
-            return y
-        weight = torch.empty(n, 2 * half_k)
-        lib.int4_dequantize(w.data_ptr(), scale.data_ptr(), offset.data_ptr(), weight.data_ptr(),
-                            n, 2 * half_k, self.group_size, threads)
-        return x2 @ weight.t()
+    def _native(self, x):
+        x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
+        mine = self.weight_int4, self.scale, self.offset
+        if self.siblings is not None and x2.shape[0] <= self.GEMV_ROWS:
+            group, rows, pointers = self.siblings
+            if all(t.data_ptr() == p for t, p in zip(mine, pointers)):  # (still the views: not moved or cast since)
+                return group.output(x, x2)[:, rows].contiguous()
+        return _int4_matmul(x2, *mine, self.group_size, self.GEMV_ROWS)
 
     def _torch(self, x2):
         # both run in bfloat16: the CUDA one takes nothing else, the CPU one is 20-100x slower in
@@ -143,6 +138,69 @@ class Int4WeightOnlyLinear(nn.Module):
         sz = self.scales_and_zeros  # (a model.to(dtype) may have converted it since)
         sz = sz if sz.dtype == torch.bfloat16 else sz.bfloat16()
         return mm(x2.bfloat16(), self.weight_int4, self.group_size, sz)
+
+
+def _int4_matmul(x2, w, scale, offset, group_size, gemv_rows):
+    """x2 @ W^T for the native layout: the codes read once per call (GEMV) up to gemv_rows rows,
+    else unpacked into a float weight for one GEMM."""
+    lib, threads = native.library(), torch.get_num_threads()
+    scale, offset = scale.float().contiguous(), offset.float().contiguous()  # (a model.to(dtype) may have cast them)
+    (n, half_k), rows = w.shape, x2.shape[0]
+    if rows <= gemv_rows:
+        y = torch.empty(rows, n)
+        lib.int4_gemv(x2.data_ptr(), w.data_ptr(), scale.data_ptr(), offset.data_ptr(), y.data_ptr(),
+                      rows, n, 2 * half_k, group_size, threads)
+        return y
+    weight = torch.empty(n, 2 * half_k)
+    lib.int4_dequantize(w.data_ptr(), scale.data_ptr(), offset.data_ptr(), weight.data_ptr(),
+                        n, 2 * half_k, group_size, threads)
+    return x2 @ weight.t()
+
+
+class _Siblings:
+    """Native int4 layers that read the same input (q/k/v after one norm, gate/up after another)
+    with their codes, scales and offsets in one buffer each, the layers' own being views of it:
+    in decoding, the first of them to be called computes all their outputs in one kernel call
+    (one pass over the weights, a third of the calls) and the others take theirs from it while
+    the input is the same tensor, unchanged (a weak reference and its version counter)."""
+
+    def __init__(self, layers: list):
+        self.group_size, self.gemv_rows = layers[0].group_size, layers[0].GEMV_ROWS
+        self.weight, self.scale, self.offset = (torch.cat([getattr(m, k) for m in layers])
+                                                for k in ("weight_int4", "scale", "offset"))
+        start = 0
+        for m in layers:
+            rows = slice(start, start + m.weight_int4.shape[0])
+            start = rows.stop
+            m.weight_int4, m.scale, m.offset = self.weight[rows], self.scale[rows], self.offset[rows]
+            m.siblings = (self, rows, tuple(t.data_ptr() for t in (m.weight_int4, m.scale, m.offset)))
+        self.ref = self.version = self.y = None
+
+    def output(self, x, x2):
+        if self.ref is None or self.ref() is not x or self.version != x._version:
+            self.y = _int4_matmul(x2, self.weight, self.scale, self.offset, self.group_size, self.gemv_rows)
+            self.ref, self.version = weakref.ref(x), x._version
+        return self.y
+
+
+def fuse_siblings(model: nn.Module) -> list:
+    """Fuse the native int4 layers of each decoder block that read the same input (quant.arch) and
+    agree in group size and input width; returns the fused groups' layer names."""
+    try:
+        blocks = decoder_blocks(model)
+    except ValueError:
+        return []
+    prefix = {id(b): n for n, b in model.named_modules()}
+    fused = []
+    for block in blocks:
+        for consumers in shared_inputs(block):
+            layers = list(consumers.values())
+            if (len(layers) > 1 and all(isinstance(m, Int4WeightOnlyLinear) and m.native and m.siblings is None
+                                        for m in layers)
+                    and len({(m.group_size, m.weight_int4.shape[1]) for m in layers}) == 1):
+                _Siblings(layers)
+                fused.append([f"{prefix[id(block)]}.{n}" for n in consumers])
+    return fused
 
 
 class _LastInput:
@@ -320,5 +378,6 @@ def convert_to_int(model: nn.Module, chain: dict | None = None) -> dict:
             raise ValueError(f"chain {producer} -> {consumer}: both layers must have become Int8StaticLinear")
         p.emit = (c.x_scale, c.x_zero_point)
         report[producer] += f" -> relu -> int8 codes for {consumer}"
+    fuse_siblings(model)
     return report
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ptq_llm
 from llm import eval_windows, load_exported, load_quantized_model, perplexity, tokenize, wikitext_text
-from quant import QScheme, Recipe, quantize_model, quantized_size_bytes, save_quantized
+from quant import QScheme, Recipe, native, quantize_model, quantized_size_bytes, save_quantized
 from quant.export import ExportError, export_problem, safetensors_data_bytes, save_compressed_tensors, save_gguf
 
 STORIES = os.path.join(DATA, "stories260K")
@@ -193,9 +193,9 @@ def test_own_checkpoint_never_masquerades_and_loads_as_kernels(data, tmp_path):
     kinds = {type(m).__name__ for m in real.modules()}
     assert "Int4WeightOnlyLinear" in kinds and "QuantLinear" in kinds  # 172-wide inputs have no int4 kernel
     assert not any(type(m).__name__ == "Int4WeightOnlyLinear" and hasattr(m, "weight") for m in real.modules())
-    # the int4 kernel rounds its input to bfloat16
+    # float rounding only with our CPU int4 kernel; PyTorch's (without a compiler) rounds to bfloat16
     ours, kernels = perplexity(model, windows, 4, "cpu", progress=False), perplexity(real, windows, 4, "cpu", progress=False)
-    assert abs(kernels - ours) / ours < 0.01
+    assert abs(kernels - ours) / ours < (1e-4 if native.library() else 1e-2)
 
 
 def test_ptq_llm_export_rows(tmp_path, capfd):

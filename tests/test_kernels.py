@@ -182,3 +182,36 @@ def test_int8_weight_only_decode_and_prefill_paths(rows):
         out = model(x)
     tol = 1e-2 if rows <= Int8WeightOnlyLinear.DECODE_ROWS else 1e-5
     assert torch.allclose(out, ref, rtol=0, atol=tol * float(ref.abs().max()))
+
+
+@needs_compiler
+def test_stories260k_int4_siblings_fused_decode_matches_fake_quant():
+    """q/k/v and gate/up each become one kernel call in decoding (their codes in one buffer, the
+    layers' own views of it); the decoded logits equal the fake-quantized model's (float rounding
+    only), a changed input is recomputed, and a layer whose buffers were replaced runs alone."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(DATA, "stories260K")).eval()
+    quantize_linears(model, QScheme(4, symmetric=False, granularity="group", group_size=32), skip=("lm_head",))
+    ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(0))
+
+    def decode(m):
+        with torch.no_grad():
+            past = m(ids[:, :-1], use_cache=True).past_key_values
+            return m(ids[:, -1:], past_key_values=past, use_cache=True).logits
+    ref = decode(model)
+    convert_to_int(model)
+    attn, mlp_ = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    group = attn.q_proj.siblings[0]
+    assert group is attn.k_proj.siblings[0] is attn.v_proj.siblings[0] and mlp_.gate_proj.siblings[0] is mlp_.up_proj.siblings[0]
+    assert attn.o_proj.siblings is None and attn.k_proj.weight_int4.untyped_storage().data_ptr() == group.weight.data_ptr()
+    out = decode(model)
+    assert torch.allclose(out, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+    x = torch.randn(1, 1, attn.q_proj.weight_int4.shape[1] * 2)
+    with torch.no_grad():
+        k = attn.k_proj(x)
+        assert torch.equal(attn.v_proj(x), attn.v_proj(x.clone()))  # from the cache = computed alone
+        x.mul_(2)
+        assert torch.allclose(attn.k_proj(x), 2 * k, rtol=1e-5, atol=1e-6)
+        v = attn.v_proj(x)
+        attn.v_proj.scale, attn.v_proj.offset = attn.v_proj.scale * 2, attn.v_proj.offset * 2  # new tensors
+        assert torch.allclose(attn.v_proj(x), 2 * v, rtol=1e-5, atol=1e-6)  # not the group's stale output
