@@ -162,7 +162,7 @@ class _Siblings:
     with their codes, scales and offsets in one buffer each, the layers' own being views of it:
     in decoding, the first of them to be called computes all their outputs in one kernel call
     (one pass over the weights, a third of the calls) and the others take theirs from it while
-    the input is the same tensor, unchanged (a weak reference and its version counter)."""
+    the input is the same tensor, unchanged."""
 
     def __init__(self, layers: list):
         self.group_size, self.gemv_rows = layers[0].group_size, layers[0].GEMV_ROWS
@@ -174,50 +174,50 @@ class _Siblings:
             start = rows.stop
             m.weight_int4, m.scale, m.offset = self.weight[rows], self.scale[rows], self.offset[rows]
             m.siblings = (self, rows, tuple(t.data_ptr() for t in (m.weight_int4, m.scale, m.offset)))
-        self.ref = self.version = self.y = None
+        self.last = _SameInput()
 
     def output(self, x, x2):
-        if self.ref is None or self.ref() is not x or self.version != x._version:
-            self.y = _int4_matmul(x2, self.weight, self.scale, self.offset, self.group_size, self.gemv_rows)
-            self.ref, self.version = weakref.ref(x), x._version
-        return self.y
+        y = self.last.get(x)
+        if y is None:
+            y = _int4_matmul(x2, self.weight, self.scale, self.offset, self.group_size, self.gemv_rows)
+            self.last.put(x, y)
+        return y
 
 
-def fuse_siblings(model: nn.Module) -> list:
+def fuse_siblings(model: nn.Module) -> None:
     """Fuse the native int4 layers of each decoder block that read the same input (quant.arch) and
-    agree in group size and input width; returns the fused groups' layer names."""
+    agree in group size and input width."""
     try:
         blocks = decoder_blocks(model)
     except ValueError:
-        return []
-    prefix = {id(b): n for n, b in model.named_modules()}
-    fused = []
+        return
     for block in blocks:
         for consumers in shared_inputs(block):
             layers = list(consumers.values())
-            if (len(layers) > 1 and all(isinstance(m, Int4WeightOnlyLinear) and m.native and m.siblings is None
-                                        for m in layers)
+            if (all(isinstance(m, Int4WeightOnlyLinear) and m.native and m.siblings is None for m in layers)
                     and len({(m.group_size, m.weight_int4.shape[1]) for m in layers}) == 1):
                 _Siblings(layers)
-                fused.append([f"{prefix[id(block)]}.{n}" for n in consumers])
-    return fused
 
 
-class _LastInput:
-    """The int8 codes of the last input quantized per token. Layers that read the same tensor
-    (q/k/v after one norm, gate/up after another) then quantize it once: the cache holds a weak
-    reference to the tensor and its in-place version counter, so a changed or new tensor misses."""
-    ref, version, value = None, None, None
+class _SameInput:
+    """A value computed from a tensor, reused while the same tensor comes back unchanged: a weak
+    reference to it and its in-place version counter, so a changed or new tensor misses."""
 
-    @classmethod
-    def get(cls, x):
-        if cls.ref is not None and cls.ref() is x and cls.version == x._version:
-            return cls.value
+    def __init__(self):
+        self.ref = self.version = self.value = None
+
+    def get(self, x):
+        if self.ref is not None and self.ref() is x and self.version == x._version:
+            return self.value
         return None
 
-    @classmethod
-    def put(cls, x, value):
-        cls.ref, cls.version, cls.value = weakref.ref(x), x._version, value
+    def put(self, x, value):
+        self.ref, self.version, self.value = weakref.ref(x), x._version, value
+
+
+# the int8 codes of the last input quantized per token: layers that read the same tensor (q/k/v
+# after one norm, gate/up after another) then quantize it once
+_last_codes = _SameInput()
 
 
 def _int8_codes(x2: torch.Tensor, scale: float, zero_point: int, as_dtype=torch.int8) -> torch.Tensor:
@@ -255,10 +255,10 @@ class Int8DynamicLinear(nn.Module):
         self.bias = None if q.bias is None else nn.Parameter(q.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x):
-        cached = _LastInput.get(x)
+        cached = _last_codes.get(x)
         if cached is None:
             cached = quantize_per_token(x.reshape(-1, x.shape[-1]))
-            _LastInput.put(x, cached)
+            _last_codes.put(x, cached)
         x_int8, x_scale = cached
         rows = x_int8.shape[0]
         if x_int8.is_cuda and rows <= 16:  # the CUDA kernel wants more than 16 rows
