@@ -34,6 +34,18 @@ class Hessian:
         self.H += x.t() @ x
 
 
+def _column_kernel(W: torch.Tensor):
+    """The Triton kernel for the column loop where W lives on a CUDA device and Triton imports;
+    None means the PyTorch loop."""
+    if not W.is_cuda:
+        return None
+    try:
+        from .gptq_kernel import columns
+    except ImportError:
+        return None
+    return columns
+
+
 def _params(w: torch.Tensor, scheme: QScheme, mse: bool = False):
     """Per-row scale / zero point of a (rows, cols) slice for the scheme's bits and symmetry: over
     the row's [min, max], or with `mse` over the shrunk range that minimizes the row's MSE."""
@@ -64,10 +76,15 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QScheme, block_size:
         s, z = qparams_from_range(W.min(), W.max(), scheme)
         scales[:], zeros[:] = s, z
     elif scheme.granularity == "channel" or act_order:
-        for k in range(n_groups):  # fixed up front: per-channel, or static groups under act-order
-            cols = slice(k * g, (k + 1) * g) if g else slice(None)
-            s, z = _params(W[:, cols], scheme, mse)
-            scales[:, k], zeros[:, k] = s[:, 0], z[:, 0]
+        # fixed up front: per-channel, or static groups under act-order (all groups as rows of one
+        # call where they tile the row: the MSE search is one pass instead of one per group)
+        if not g or in_f % g == 0:
+            s, z = _params(W.reshape(-1, g or in_f), scheme, mse)
+            scales[:], zeros[:] = s.view(out_f, n_groups), z.view(out_f, n_groups)
+        else:
+            for k in range(n_groups):
+                s, z = _params(W[:, k * g:(k + 1) * g], scheme, mse)
+                scales[:, k], zeros[:, k] = s[:, 0], z[:, 0]
     lazy_groups = g is not None and not act_order
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f, device=W.device)
@@ -85,27 +102,36 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QScheme, block_size:
 
     Q = torch.zeros_like(W)
     cols = perm.tolist()  # read on the host once: indexing a device tensor per column syncs
+    kernel = _column_kernel(W)
+    if kernel is not None:
+        Hinv = Hinv.contiguous()  # (cholesky's upper factor comes transposed: column-major)
+        group_of = torch.tensor([c // g if g else 0 for c in cols], dtype=torch.int32, device=W.device)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            col = cols[i1 + i]
-            group = col // g if g else 0
+        # runs of columns that share their scales: the block, cut where a lazy group starts
+        cuts = [i for i in range(1, i2 - i1) if lazy_groups and cols[i1 + i] % g == 0]
+        for a, b in zip([0] + cuts, cuts + [i2 - i1]):
+            col = cols[i1 + a]
             if lazy_groups and col % g == 0:
                 # this group's scales, from its columns as updated so far
-                ahead = W1[:, i:i + g]
+                ahead = W1[:, a:a + g]
                 if ahead.shape[1] < g:
                     ahead = torch.cat([ahead, W[:, i2:i2 + g - ahead.shape[1]]], 1)
                 s, z = _params(ahead, scheme, mse)
-                scales[:, group], zeros[:, group] = s[:, 0], z[:, 0]
-                grid.pop(group, None)
-            w = W1[:, i]
-            q = fake_quantize_prepared(w, *operands(group))
-            Q[:, i1 + i] = q
-            err = (w - q) / Hinv1[i, i]
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
-            Err1[:, i] = err
+                scales[:, col // g], zeros[:, col // g] = s[:, 0], z[:, 0]
+                grid.pop(col // g, None)
+            if kernel is not None:
+                kernel(W1, Q[:, i1:], Err1, Hinv1, scales, zeros, group_of[i1:], a, b, scheme.qmin, scheme.qmax)
+                continue
+            for i in range(a, b):
+                w = W1[:, i]
+                q = fake_quantize_prepared(w, *operands(cols[i1 + i] // g if g else 0))
+                Q[:, i1 + i] = q
+                err = (w - q) / Hinv1[i, i]
+                W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+                Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     Q = Q[:, torch.argsort(perm)]
     if scheme.granularity == "group":

@@ -1,6 +1,12 @@
 import os
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels (GPTQ's column loop) run in Triton's interpreter on CPU tensors; it must be
+    # chosen before triton is first imported, which decorates its own helpers (tl.sum) then
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # on sys.path through pyproject.toml
 DATA = os.path.join(ROOT, "data")  # the repository's own data: tests need nothing beside the clone
