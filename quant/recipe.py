@@ -27,6 +27,7 @@ METHOD_ARGS = {
     "smoothquant": {"alpha": 0.5},
     "qat": {"mode": "ste", "epochs": 3, "lr": 1e-3},  # quantize_model prepares; the caller trains and freezes
 }
+GPTQ_PASS_TOKENS = 16384  # calibration tokens per block call in GPTQ (32 windows of 512: ~0.3 GB of fp32 attention)
 W_OBSERVERS = ("minmax", "mse", "percentile")
 A_OBSERVERS = ("minmax", "ema", "percentile", "mse", "entropy")
 OBSERVER_ARGS = {"percentile": {"percentile": 99.99}, "ema": {"averaging_constant": 0.01}}
@@ -180,7 +181,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib=None, progress: bool 
     of the already-quantized blocks before it). For method "qat" the model comes back with float
     weights under fake quantization, ready to train; call `.freeze()` on its quant modules after.
     """
-    from .sequential import run_block, sequential_quantize
+    from .sequential import merge_batches, run_block, sequential_quantize
     batches = None if calib is None else list(calib)
     if recipe.needs_calibration and not batches:
         raise ValueError(f"{recipe.describe()} needs calibration batches (calib=...)")
@@ -222,6 +223,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib=None, progress: bool 
             calibrate(block, inputs, observer=recipe.a_observer, forward=lambda m, inp: run_block(m, *inp),
                       progress=False, **a_kw)
 
+    if recipe.method == "gptq" and not static:  # (observers of static activations may depend on batch boundaries)
+        batches = merge_batches(batches, GPTQ_PASS_TOKENS)
     sequential_quantize(model, batches, device, process, progress=progress, desc=f"{recipe.method} blocks")
     if recipe.embeddings:  # lm_head and embeddings: round to nearest, weight-only
         quantize_linears(model, recipe.weight, None, group_fallback=recipe.group_fallback, embeddings=True,

@@ -42,6 +42,22 @@ def first_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches, device)
     return captured
 
 
+def merge_batches(batches: list, max_tokens: int) -> list:
+    """Consecutive token-id batches of one shape concatenated into batches of at most max_tokens
+    (never splitting one): where only sums over all tokens matter (GPTQ's Hessians), a few large
+    block calls cost the same arithmetic as many small ones with a fraction of the launches and
+    Python overhead. Anything that is not a 2-D tensor is passed through as it is."""
+    out = []
+    for b in batches:
+        last = out[-1] if out else None
+        if (torch.is_tensor(b) and b.dim() == 2 and isinstance(last, list) and last[0].shape[1:] == b.shape[1:]
+                and last[0].dtype == b.dtype and sum(x.numel() for x in last) + b.numel() <= max_tokens):
+            last.append(b)
+        else:
+            out.append([b] if torch.is_tensor(b) and b.dim() == 2 else b)
+    return [torch.cat(b) if isinstance(b, list) else b for b in out]
+
+
 def run_block(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
     out = block(*args, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
