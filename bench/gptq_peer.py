@@ -9,7 +9,10 @@ Each run is a fresh process (`--worker`) that loads the float model onto the dev
 (timed alone: the quantize call, CUDA synchronized; loading and evaluation excluded) and scores
 it with this project's evaluation on the same test windows. Runs:
   ours           quantize_model, GPTQ act-order, true-sequential (each layer's Hessian from the
-                 inputs it gets with the layers before it in its block quantized), min-max / MSE ranges
+                 inputs it gets with the layers before it in its block quantized), min-max / MSE ranges;
+                 its block passes run on up to 16384 calibration tokens at once whatever --batch_size
+                 (quant.recipe.GPTQ_PASS_TOKENS; peak_mib shows what that costs), and its column loop
+                 as a Triton kernel on CUDA
   llm-compressor oneshot + GPTQModifier (its sequential pipeline: one pass per decoder layer),
                  memoryless_minmax / memoryless_mse observers
 llm-compressor pins transformers <= 5.17 and compressed-tensors 0.19; where that clashes with this

@@ -7,8 +7,10 @@ measured in one run on one machine.
 
 MLP: test accuracy, images/s at batch 1 and 256. LLM: perplexity on --eval_samples WikiText-2
 test windows, prefill tokens/s on one --seq_len window and the time spent in its linear layers
-(lm_head excluded), one-token decode tokens/s after a --seq_len prefill. For every variant: the time it took to
-produce (quantize, calibrate,
+(lm_head excluded), one-token decode tokens/s after a --seq_len prefill, at batch 1 and for each
+--decode_batches B (B sequences, a token each), and the batch-1 decode's roofline: the share of the
+machine's streaming-read bandwidth (measured in the same run) that reading the variant's whole state once
+per token would take. For every variant: the time it took to produce (quantize, calibrate,
 convert), its saved size where it has one (our packed checkpoint) and the bytes of its state
 as torch.save writes it (what its weights occupy), and its memory in use: on CPU, measured in a
 fresh process per variant that holds only that variant (built from the float model, which is
@@ -128,6 +130,21 @@ def state_bytes(model) -> int:
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     return buf.tell()
+
+
+def read_bandwidth(device: str, repeats: int = 7) -> float:
+    """The machine's streaming-read bandwidth in bytes/s: the median time of summing a tensor far
+    larger than the caches (512 MB on CPU, 4 GB on a GPU), as a decode step streams its weights."""
+    n = (1 << 30 if device == "cuda" else 1 << 27)
+    x = torch.ones(n, device=device)
+    times = []
+    for _ in range(repeats + 1):
+        sync()
+        t0 = time.perf_counter()
+        x.sum()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return x.numel() * x.element_size() / statistics.median(times[1:])
 
 
 def rounds(keys, repeats: int, seed: int = 0):
@@ -258,31 +275,47 @@ def llm_bench(args):
         return memory_child(model, variants, args.memory_of, lambda m: m(prompt))
     built = build_all(model, variants, args.only, args.device)
 
-    def decode_step(m):
+    def decode_step(m, batch=1):
+        ids = prompt.repeat(batch, 1)
         with torch.no_grad():
-            out = m(prompt[:, :-1], use_cache=True)
+            out = m(ids[:, :-1], use_cache=True)
         past = out.past_key_values
-        return lambda: m(prompt[:, -1:], past_key_values=copy.copy(past), use_cache=True)
+        return lambda: m(ids[:, -1:], past_key_values=copy.copy(past), use_cache=True)
     prefill = time_interleaved({k: (lambda m=m: m(prompt)) for k, (m, *_) in built.items()}, args.repeats)
     # the linear layers' share of a prefill, timed inside the real forward (same layer names in every variant)
     linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
     linears = linear_seconds({k: m for k, (m, *_) in built.items()}, linear_names, prompt, args.repeats)
     decode = time_interleaved({k: decode_step(m) for k, (m, *_) in built.items()}, args.repeats * 4)
+    # one token for each of B sequences: past some B the int4 layers leave their matrix-vector kernel
+    # for unpack + GEMM, and their weights' bytes stop being what the step waits on
+    batched = {}
+    for b in args.decode_batches:
+        steps = time_interleaved({k: decode_step(m, b) for k, (m, *_) in built.items()}, args.repeats * 2)
+        batched[b] = {k: b / t for k, t in steps.items()}
+    bandwidth = read_bandwidth(args.device)
+    print(f"streaming read: {bandwidth / 1e9:.1f} GB/s")
     extra = forward_memory({k: (lambda m=m: m(prompt)) for k, (m, *_) in built.items()})
     rss = {k: cpu_memory(k) for k in built} if args.device == "cpu" else {}
     rows = []
     for name, (m, build_s, size, notes) in built.items():
+        state = state_bytes(m)
         ppl = perplexity(m, windows, args.batch_size, args.device, progress=False)
         provider = "float" if name == "float" else variants[name][0]
         rows.append(dict(timestamp=timestamp(), bench="llm", model=args.model_name, variant=name, provider=provider,
                          quality=ppl, quality_metric=f"wikitext-2 test perplexity, {windows.numel()} tokens",
-                         build_seconds=round(build_s, 3), size_bytes=size, state_bytes=state_bytes(m),
+                         build_seconds=round(build_s, 3), size_bytes=size, state_bytes=state,
                          prefill_tokens_per_s=round(args.seq_len / prefill[name], 1),
                          decode_tokens_per_s=round(1 / decode[name], 2),
                          speedup_prefill=round(prefill["float"] / prefill[name], 3),
                          linears_prefill_ms=round(linears[name] * 1e3, 2),
                          speedup_linears_prefill=round(linears["float"] / linears[name], 3),
                          speedup_decode=round(decode["float"] / decode[name], 3), seq_len=args.seq_len,
+                         read_gb_per_s=round(bandwidth / 1e9, 2),
+                         # the roofline: the share of that bandwidth a batch-1 decode step uses if it reads its
+                         # state once (weights, embedding included) and nothing else
+                         decode_roofline=round(state / decode[name] / bandwidth, 3),
+                         **{f"decode_tokens_per_s_b{b}": round(batched[b][name], 2) for b in args.decode_batches},
+                         **{f"speedup_decode_b{b}": round(batched[b][name] / batched[b]["float"], 3) for b in args.decode_batches},
                          peak_forward_mb=extra.get(name), **rss.get(name, {}), notes=notes, **machine(args)))
         print(f"{name:32s} ppl {ppl:8.3f}  prefill {rows[-1]['prefill_tokens_per_s']:8.1f} tok/s  "
               f"linears {rows[-1]['linears_prefill_ms']:8.1f} ms  decode {rows[-1]['decode_tokens_per_s']:6.2f} tok/s")
@@ -407,6 +440,8 @@ def main(argv=None):
     ap.add_argument("--batch_size", type=positive_int, default=4)
     ap.add_argument("--int4_group", type=positive_int, default=64, help="group size of the int4 variant (default: 64)")
     ap.add_argument("--repeats", type=positive_int, default=10)
+    ap.add_argument("--decode_batches", type=positive_int, nargs="*", default=[4, 8, 16],
+                    help="LLM: also decode one token for each of B sequences, for each B here (default: 4 8 16)")
     ap.add_argument("--memory_of", default=None, help=argparse.SUPPRESS)  # (the per-variant memory process)
     ap.add_argument("--only", nargs="+", default=None,
                     help="run only the variants whose name contains one of these strings (float always runs)")

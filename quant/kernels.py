@@ -68,7 +68,8 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def forward(self, x):
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] <= self.DECODE_ROWS:
+        # (on CPU that kernel crashed, in torch 2.13, on 2+ rows whose length is not a multiple of 16)
+        if x2.shape[0] <= self.DECODE_ROWS and (x2.is_cuda or x2.shape[1] % 16 == 0):
             dtype = x.dtype if x2.is_cuda else torch.bfloat16
             y = torch._weight_int8pack_mm(x2.to(dtype), self.weight_int8, self.scale.to(dtype)).to(x.dtype)
         else:

@@ -13,7 +13,8 @@ def test_llm_bench_writes_rows_against_float_of_the_same_run(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "bench", "speed.py"), "llm",
            "--model_name", os.path.join(DATA, "stories260K"), "--data_dir", DATA,
            "--seq_len", "64", "--eval_samples", "2", "--repeats", "1", "--int4_group", "32",
-           "--only", "ours int8 dynamic", "ours int8 weight-only", "--results_dir", str(tmp_path)]
+           "--only", "ours int8 dynamic", "ours int8 weight-only", "--decode_batches", "3",
+           "--results_dir", str(tmp_path)]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     df = pd.read_csv(tmp_path / "bench_llm.csv")
     assert df.variant.tolist() == ["float", "ours int8 weight-only", "ours int8 dynamic (W8A8)"]
@@ -21,6 +22,11 @@ def test_llm_bench_writes_rows_against_float_of_the_same_run(tmp_path):
     f = df.set_index("variant")
     assert f.loc["float", "speedup_prefill"] == 1.0 and f.loc["float", "speedup_linears_prefill"] == 1.0
     assert (f.linears_prefill_ms > 0).all() and (f.prefill_tokens_per_s > 0).all()
+    # batched decode against float at the same batch; the roofline from the run's own read bandwidth
+    assert f.loc["float", "speedup_decode_b3"] == 1.0 and (f.decode_tokens_per_s_b3 > 0).all()
+    assert (f.read_gb_per_s > 0.1).all() and f.read_gb_per_s.nunique() == 1
+    roofline = f.state_bytes * f.decode_tokens_per_s / (f.read_gb_per_s * 1e9)
+    assert ((f.decode_roofline / roofline - 1).abs() < 0.02).all()
     # memory from a process per variant: resident with the weights loaded, and the forward's peak above it
     assert (f.rss_mb > 100).all() and (f.peak_rss_mb >= f.rss_mb).all()
     # the int8 weights take about a quarter of the float weights' bytes (embeddings stay float)

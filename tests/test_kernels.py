@@ -184,6 +184,21 @@ def test_int8_weight_only_decode_and_prefill_paths(rows):
     assert torch.allclose(out, ref, rtol=0, atol=tol * float(ref.abs().max()))
 
 
+def test_int8_weight_only_rows_of_odd_length_take_the_gemm():
+    """torch._weight_int8pack_mm crashed the process (CPU, torch 2.13) on 2-8 rows of length 172
+    (stories260K's MLP): such layers use the GEMM on the codes, exact to float rounding."""
+    layer = nn.Linear(172, 40)
+    model = nn.Sequential(layer)
+    quantize_linears(model, QScheme(8, granularity="channel"))
+    x = torch.randn(3, 172)
+    with torch.no_grad():
+        ref = model(x)
+        convert_to_int(model)
+        out = model(x)
+    assert isinstance(model[0], Int8WeightOnlyLinear)
+    assert torch.allclose(out, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+
+
 @needs_compiler
 def test_stories260k_int4_siblings_fused_decode_matches_fake_quant():
     """q/k/v and gate/up each become one kernel call in decoding (their codes in one buffer, the
