@@ -140,8 +140,9 @@ def _mse_best_ratio(values: torch.Tensor, weights: torch.Tensor | None, scheme: 
     [a * min, a * max] gives the least (weighted) squared error (the first such a on ties).
     Many ratios are tried in one pass (a leading ratio dimension: a few launches instead of a
     few per ratio, which is what a GPU needs); rows and ratios are chunked so that one pass
-    holds at most 2^22 elements."""
-    budget = 1 << 22
+    holds at most 2^22 elements (2^26 on a GPU, where each pass's launches, not its arithmetic,
+    are the cost)."""
+    budget = 1 << (26 if values.is_cuda else 22)
     n_rows, n_cols = values.shape
     grid = MSE_GRID.to(values.device)
     per_pass = max(1, budget // max(n_cols, 1))  # (ratio, row) pairs per pass
