@@ -315,7 +315,7 @@ def llm_bench(args):
                          read_gb_per_s=round(bandwidth / 1e9, 2),
                          # the roofline: the share of that bandwidth a batch-1 decode step uses if it reads its
                          # state once (weights, embedding included) and nothing else
-                         decode_roofline=round(state / decode[name] / bandwidth, 3),
+                         decode_roofline=float(f"{state / decode[name] / bandwidth:.4g}"),
                          **{f"decode_tokens_per_s_b{b}": round(batched[b][name], 2) for b in args.decode_batches},
                          **{f"speedup_decode_b{b}": round(batched[b][name] / batched[b]["float"], 3) for b in args.decode_batches},
                          peak_forward_mb=extra.get(name), **rss.get(name, {}), notes=notes, **machine(args)))
