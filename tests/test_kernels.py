@@ -56,7 +56,7 @@ needs_compiler = pytest.mark.skipif(native.library() is None, reason="no C++ com
 
 
 @needs_compiler
-@pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])  # the GEMV up to GEMV_ROWS, then unpack + GEMM
+@pytest.mark.parametrize("rows", [1, 3, 9, Int4WeightOnlyLinear.GEMV_ROWS, Int4WeightOnlyLinear.GEMV_ROWS + 1, 40])  # GEMV, then unpack + GEMM
 @pytest.mark.parametrize("w", [QScheme(4, granularity="group", group_size=96),
                                QScheme(4, symmetric=False, granularity="group", group_size=32),
                                QScheme(4, symmetric=False, signed=False, granularity="group", group_size=192)])
