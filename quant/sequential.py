@@ -47,15 +47,17 @@ def merge_batches(batches: list, max_tokens: int) -> list:
     (never splitting one): where only sums over all tokens matter (GPTQ's Hessians), a few large
     block calls cost the same arithmetic as many small ones with a fraction of the launches and
     Python overhead. Anything that is not a 2-D tensor is passed through as it is."""
-    out = []
+    runs = []  # (tensors to concatenate, their tokens), or (None, the batch as it came)
     for b in batches:
-        last = out[-1] if out else None
-        if (torch.is_tensor(b) and b.dim() == 2 and isinstance(last, list) and last[0].shape[1:] == b.shape[1:]
-                and last[0].dtype == b.dtype and sum(x.numel() for x in last) + b.numel() <= max_tokens):
+        ids = torch.is_tensor(b) and b.dim() == 2
+        last, tokens = runs[-1] if runs else (None, 0)
+        if (ids and last is not None and last[0].shape[1:] == b.shape[1:] and last[0].dtype == b.dtype
+                and last[0].device == b.device and tokens + b.numel() <= max_tokens):
             last.append(b)
+            runs[-1] = (last, tokens + b.numel())
         else:
-            out.append([b] if torch.is_tensor(b) and b.dim() == 2 else b)
-    return [torch.cat(b) if isinstance(b, list) else b for b in out]
+            runs.append(([b], b.numel()) if ids else (None, b))
+    return [torch.cat(run) if run is not None else b for run, b in runs]
 
 
 def run_block(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:

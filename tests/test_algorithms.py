@@ -202,6 +202,9 @@ def test_merge_batches_concatenates_runs_of_one_shape_up_to_the_budget():
     assert [t.shape for t in out[:3]] == [(10, 8), (4, 6), (4, 8)] and out[3] == {"x": 1}
     assert torch.equal(out[0], torch.cat([a, b, c]))
     assert [t.shape[0] for t in merge_batches([a, b, c], max_tokens=40)] == [4, 4, 2]  # never split, never over
+    other = [a, b]  # a batch that is a list (of tensors) passes through untouched, and cuts the run
+    out = merge_batches([a, other, b], max_tokens=80)
+    assert len(out) == 3 and out[1] is other and torch.equal(out[2], b)
 
 
 def test_gptq_same_result_in_any_calibration_batching(monkeypatch):
