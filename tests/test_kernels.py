@@ -55,8 +55,11 @@ def test_converted_matches_fake_quant(w, a, cls, device):
 needs_compiler = pytest.mark.skipif(native.library() is None, reason="no C++ compiler for quant/csrc")
 
 
+GEMV_ROWS = Int4WeightOnlyLinear.GEMV_ROWS
+
+
 @needs_compiler
-@pytest.mark.parametrize("rows", [1, 3, 9, Int4WeightOnlyLinear.GEMV_ROWS, Int4WeightOnlyLinear.GEMV_ROWS + 1, 40])  # GEMV, then unpack + GEMM
+@pytest.mark.parametrize("rows", [1, 3, 9, GEMV_ROWS, GEMV_ROWS + 1, 40])  # the GEMV, then unpack + GEMM
 @pytest.mark.parametrize("w", [QScheme(4, granularity="group", group_size=96),
                                QScheme(4, symmetric=False, granularity="group", group_size=32),
                                QScheme(4, symmetric=False, signed=False, granularity="group", group_size=192)])
