@@ -13,6 +13,7 @@ scales (from the --observers) or dynamic per-token activations. Each runs with e
   gptq         GPTQ weights (Hessian-based error feedback), block by block
   awq          AWQ: activation-aware scales folded into the preceding op + clip search, block by block
   smoothquant  SmoothQuant (each --sq_alpha) folded into the norms and up_proj, then RTN; --act static/dynamic only
+  hqq          HQQ: each group's zero point optimised as a float, no calibration data; --w_asym only
 The block-by-block methods calibrate each decoder block on the outputs of the already-quantized
 blocks before it (peak memory: one block plus one layer's calibration activations).
 With --export, each quantized model is also written as a compressed-tensors folder and / or a
@@ -95,7 +96,7 @@ def build_parser(prog=None):
     p.add_argument("--quantize_embeddings", action="store_true",
                    help="quantize lm_head and the embedding tables too, weight-only with the same weight scheme "
                         "(kept float by default; tied weights become two quantized copies)")
-    p.add_argument("--method", nargs="+", choices=["rtn", "gptq", "awq", "smoothquant"], default=["rtn"],
+    p.add_argument("--method", nargs="+", choices=["rtn", "gptq", "awq", "smoothquant", "hqq"], default=["rtn"],
                    help="quantization algorithms (default: rtn)")
     p.add_argument("--gptq_block_size", type=positive_int, default=128, help="GPTQ lazy-update block (default: 128)")
     p.add_argument("--gptq_damp", type=positive_float, default=0.01, help="GPTQ dampening, fraction of mean diag(H) (default: 0.01)")
@@ -153,7 +154,7 @@ def recipe_for(method, alpha, w_bits, act, observer, args) -> Recipe:
     method_args = {"gptq": dict(block_size=args.gptq_block_size, damp=args.gptq_damp, act_order=args.act_order),
                    "awq": dict(grid=args.awq_grid, tokens=args.awq_tokens), "smoothquant": dict(alpha=alpha)}.get(method, {})
     return Recipe(weight=weight_scheme(w_bits, args.group_size, not args.w_asym), method=method, method_args=method_args,
-                  w_observer="minmax" if method == "awq" else args.w_observer,  # AWQ runs its own clip search
+                  w_observer="minmax" if method in ("awq", "hqq") else args.w_observer,  # they search ranges their own way
                   activation=act_scheme(act, args.a_bits), a_observer=observer or None,
                   a_observer_args={"percentile": args.percentile} if observer == "percentile" else {},
                   embeddings=args.quantize_embeddings)
@@ -164,7 +165,8 @@ def method_args(recipe: Recipe) -> str:
     a = recipe.args
     return {"rtn": "", "gptq": f"block={a.get('block_size')} damp={a.get('damp')} act_order={a.get('act_order')}"
                                + (" mse" if recipe.w_observer == "mse" else ""),
-            "awq": f"grid={a.get('grid')} tokens={a.get('tokens')}", "smoothquant": f"alpha={a.get('alpha')}"}[recipe.method]
+            "awq": f"grid={a.get('grid')} tokens={a.get('tokens')}", "smoothquant": f"alpha={a.get('alpha')}",
+            "hqq": f"iters={a.get('iters')} p={a.get('lp_norm')}"}[recipe.method]
 
 
 def peak_rss_mb() -> float:
@@ -239,6 +241,8 @@ def main(argv=None):
     args = parse_with_config(build_parser(), argv)
     if args.group_size < 0:
         raise UsageError(f"--group_size must be >= 0, got {args.group_size}")
+    if "hqq" in args.method and not args.w_asym:
+        raise UsageError("--method hqq optimises each group's zero point: add --w_asym")
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype]
 

@@ -42,7 +42,12 @@ def export_tensors(model: torch.nn.Module):
         tensors[f"{name}.qweight"] = pack(codes, s.bits)
         tensors[f"{name}.weight_scale"] = wq.scale.detach().float().contiguous()
         if not s.symmetric:  # a symmetric zero point follows from the scheme
-            tensors[f"{name}.weight_zero_point"] = (wq.zero_point - s.qmin).to(torch.uint8).contiguous()
+            zp = wq.zero_point - s.qmin
+            if not wq.fractional:
+                zp = zp.to(torch.uint8)
+            elif torch.equal(zp.half().float(), zp):  # HQQ's float zero points: float16 holds them exactly
+                zp = zp.half()
+            tensors[f"{name}.weight_zero_point"] = zp.contiguous()
         act = None
         if m.act_quant is not None:
             act = m.act_quant.scheme.to_dict()

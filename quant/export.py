@@ -104,6 +104,8 @@ def export_problem(model: nn.Module, fmt: str, recipe=None) -> str | None:
         return _gguf_problem(model, layers)
     if fmt != "compressed-tensors":
         raise ValueError(f"export format must be one of {FORMATS}, got {fmt!r}")
+    if (recipe is not None and recipe.method == "hqq") or any(q.weight_quant.fractional for q in quant_modules(model).values()):
+        return "HQQ's fractional zero points (the format's zero points are integers; GGUF requantizes them)"
     return next((p for p in (_ct_problem(*layer) for layer in layers) if p), None)
 
 

@@ -8,9 +8,19 @@ q = clamp(round_half_even(x * (1 / scale)) + zero_point, qmin, qmax).
 import torch
 
 
+def is_fractional(zero_point) -> bool:
+    """Whether a zero point holds non-integers (HQQ optimises it as a float)."""
+    if torch.is_tensor(zero_point):
+        return bool((zero_point != torch.round(zero_point)).any())
+    return zero_point != round(zero_point)
+
+
 def quantize(x, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
-    """Float -> integer codes (int8 for signed ranges, uint8 for unsigned, both up to 8 bits)."""
-    q = torch.round(x.float() * (1.0 / scale)) + zero_point
+    """Float -> integer codes (int8 for signed ranges, uint8 for unsigned, both up to 8 bits).
+    An integer zero point is added after rounding (PyTorch's order, which breaks ties the same
+    way); a fractional one before it, q = round(x / scale + zero_point), as HQQ defines it."""
+    x = x.float() * (1.0 / scale)
+    q = torch.round(x + zero_point) if is_fractional(zero_point) else torch.round(x) + zero_point
     return q.clamp_(qmin, qmax).to(torch.int8 if qmin < 0 else torch.uint8)
 
 
@@ -46,6 +56,13 @@ def fake_quantize(x, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         return _FakeQuantSTE.apply(x, scale, zero_point, qmin, qmax).to(x.dtype)
     return fake_quantize_prepared(x, 1.0 / scale, scale, qmin - zero_point, qmax - zero_point).to(x.dtype)
+
+
+def fake_quantize_fractional(x, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
+    """Quantize-dequantize with a fractional zero point: (clamp(round(x / s + zp)) - zp) * s.
+    No gradient (HQQ's weights are fixed once)."""
+    q = torch.round(x.float() * (1.0 / scale) + zero_point).clamp_(qmin, qmax)
+    return ((q - zero_point) * scale).to(x.dtype)
 
 
 def fake_quantize_prepared(x, inv_scale, scale, lo, hi) -> torch.Tensor:

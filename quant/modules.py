@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .arch import in_out, is_conv1d, is_linear, weight_matrix
-from .fake_quant import dequantize, fake_quantize, lsq_fake_quantize, quantize
+from .fake_quant import dequantize, fake_quantize, fake_quantize_fractional, is_fractional, lsq_fake_quantize, quantize
 from .observers import make_observer
 from .scheme import QScheme, check_finite, qparams_from_range
 
@@ -28,6 +28,7 @@ class Quantizer(nn.Module):
         self.scheme = scheme
         self.learnable = learnable
         self.enabled = True
+        self.fractional = False  # zero points that are not integers (HQQ): rounding adds them first
         self.register_buffer("scale", None)
         self.register_buffer("zero_point", None)
 
@@ -41,6 +42,9 @@ class Quantizer(nn.Module):
         else:
             self.register_buffer("scale", scale)
         self.register_buffer("zero_point", zero_point.detach().float().clone())
+        self.fractional = is_fractional(self.zero_point)
+        if self.fractional and (self.learnable or self.scheme.symmetric):
+            raise ValueError("fractional zero points are for asymmetric, fixed (not learned) weight scales")
 
     def fit(self, x: torch.Tensor, observer: str = "minmax", **observer_kwargs) -> None:
         """Set scale / zero point from one tensor (a weight)."""
@@ -68,6 +72,8 @@ class Quantizer(nn.Module):
             positive_levels = s.qmax - s.zero_point_int if s.symmetric else s.qmax - s.qmin
             g = (xl.numel() / scale.numel() * positive_levels) ** -0.5
             y = lsq_fake_quantize(xl, scale, zp, s.qmin, s.qmax, g)
+        elif self.fractional:
+            y = fake_quantize_fractional(xl, scale, zp, s.qmin, s.qmax)
         else:
             if scale.numel() == 1 and scale.device.type == "cpu":
                 # Python numbers make the elementwise passes cheaper; .item() costs no device sync on CPU

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from .calibrate import calibrate
 from .modules import layer_scheme, quant_modules, quantize_linears
@@ -25,6 +26,7 @@ METHOD_ARGS = {
     "gptq": {"block_size": 128, "damp": 0.01, "act_order": False},
     "awq": {"grid": 20, "tokens": 4096},
     "smoothquant": {"alpha": 0.5},
+    "hqq": {"iters": 20, "lp_norm": 0.7, "beta": 10.0, "kappa": 1.01, "round_start": False},
     "qat": {"mode": "ste", "epochs": 3, "lr": 1e-3},  # quantize_model prepares; the caller trains and freezes
 }
 GPTQ_PASS_TOKENS = 16384  # calibration tokens per block call in GPTQ (32 windows of 512: ~0.3 GB of fp32 attention)
@@ -53,7 +55,7 @@ class Recipe:
     stored with every default filled in, so two recipes that mean the same are equal and share an id.
 
     weight       the weight scheme (the grid every method ends on)
-    method       rtn | gptq | awq | smoothquant | qat, with `method_args` (see METHOD_ARGS)
+    method       rtn | gptq | awq | smoothquant | hqq | qat, with `method_args` (see METHOD_ARGS)
     w_observer   how a weight's range is chosen: minmax | mse | percentile (GPTQ: its scale search);
                  AWQ runs its own clip search
     activation   None (weight-only), a per-tensor scheme (static, calibrated with `a_observer`) or
@@ -90,8 +92,10 @@ class Recipe:
             raise ValueError(f"w_observer must be one of {W_OBSERVERS}, got {self.w_observer!r}")
         if self.method == "gptq" and self.w_observer == "percentile":
             raise ValueError("gptq chooses its ranges by min-max or its MSE search: w_observer minmax or mse")
-        if self.method == "awq" and self.w_observer != "minmax":
-            raise ValueError("awq runs its own clip search: leave w_observer at minmax")
+        if self.method in ("awq", "hqq") and self.w_observer != "minmax":
+            raise ValueError(f"{self.method} runs its own range search: leave w_observer at minmax")
+        if self.method == "hqq" and self.weight.symmetric:
+            raise ValueError("hqq optimises each group's zero point: give an asymmetric weight scheme")
         put("w_observer_args", _filled(f"{self.w_observer} observer", dict(self.w_observer_args),
                                        OBSERVER_ARGS.get(self.w_observer, {})))
         if self.activation is not None and not isinstance(self.activation, QScheme):
@@ -190,11 +194,16 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib=None, progress: bool 
     device = _device(model)
     static = recipe.act == "static"
 
-    if recipe.method in ("rtn", "qat"):
-        qat = recipe.method == "qat"
-        quantize_linears(model, recipe.weight, recipe.activation, skip=() if recipe.embeddings else recipe.skip,
-                         group_fallback=recipe.group_fallback, embeddings=recipe.embeddings and not qat,
-                         w_observer=recipe.w_observer, qat=qat, learnable=qat and recipe.args["mode"] == "lsq", **w_kw)
+    if recipe.method in ("rtn", "qat", "hqq"):
+        qat, hqq = recipe.method == "qat", recipe.method == "hqq"
+        swapped = quantize_linears(model, recipe.weight, recipe.activation, skip=() if recipe.embeddings else recipe.skip,
+                                   group_fallback=recipe.group_fallback, embeddings=recipe.embeddings and not qat,
+                                   w_observer=recipe.w_observer, qat=qat, learnable=qat and recipe.args["mode"] == "lsq",
+                                   fit_weight=not hqq, **w_kw)
+        if hqq:
+            from .hqq import hqq_quantize
+            for name in tqdm(swapped, desc="hqq", disable=not progress, leave=False):
+                hqq_quantize(model.get_submodule(name), **recipe.args)
         if static:
             calibrate(model, batches, observer=recipe.a_observer, forward=lambda m, b: m(b.to(device)),
                       desc=f"calibrate {recipe.a_observer}", progress=progress, **a_kw)

@@ -31,11 +31,16 @@ def recipes(draw):
         args = dict(block_size=draw(st.integers(1, 1024)), damp=draw(st.floats(1e-6, 1.0)), act_order=draw(st.booleans()))
     elif method == "smoothquant":
         args = dict(alpha=draw(st.floats(0, 1)))
-    w_observer = "minmax" if method == "awq" else draw(st.sampled_from(["minmax", "mse"]))
+    elif method == "hqq":
+        args = dict(iters=draw(st.integers(0, 50)), lp_norm=draw(st.floats(0.1, 1.0)), round_start=draw(st.booleans()))
+    w_observer = "minmax" if method in ("awq", "hqq") else draw(st.sampled_from(["minmax", "mse"]))
+    weight = draw(weights)
+    if method == "hqq" and weight.symmetric:
+        weight = QScheme(weight.bits, symmetric=False, granularity=weight.granularity, group_size=weight.group_size)
     static = activation is not None and not activation.dynamic
     a_observer = draw(st.sampled_from(A_OBSERVERS)) if static else None
     a_args = {"percentile": draw(st.floats(50.001, 100))} if a_observer == "percentile" else {}
-    return Recipe(weight=draw(weights), method=method, method_args=args, w_observer=w_observer, activation=activation,
+    return Recipe(weight=weight, method=method, method_args=args, w_observer=w_observer, activation=activation,
                   a_observer=a_observer, a_observer_args=a_args,
                   skip=tuple(draw(st.lists(st.text("abc.*_", min_size=1, max_size=8), max_size=3))),
                   embeddings=draw(st.booleans()))
@@ -64,7 +69,9 @@ def test_defaults_are_filled_so_equal_meaning_gives_equal_id():
     (dict(method="gptq", method_args={"blocksize": 64}), "unknown gptq argument"),
     (dict(method="gptq", method_args={"act_order": "yes"}), "act_order must be a bool"),
     (dict(method="smoothquant"), "smoothquant only helps quantized activations"),
-    (dict(method="awq", w_observer="mse"), "awq runs its own clip search"),
+    (dict(method="awq", w_observer="mse"), "awq runs its own range search"),
+    (dict(method="hqq"), "hqq optimises each group's zero point: give an asymmetric"),
+    (dict(method="hqq", method_args={"iters": 2.5}), "iters must be a int"),
     (dict(a_observer="minmax"), "a_observer applies only to static"),
     (dict(activation=QScheme(8, granularity="channel")), r"per tensor \(static\) or per token"),
     (dict(weight=QScheme(8, granularity="token")), "weight must be a static QScheme"),
