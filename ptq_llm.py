@@ -14,6 +14,8 @@ scales (from the --observers) or dynamic per-token activations. Each runs with e
   awq          AWQ: activation-aware scales folded into the preceding op + clip search, block by block
   smoothquant  SmoothQuant (each --sq_alpha) folded into the norms and up_proj, then RTN; --act static/dynamic only
   hqq          HQQ: each group's zero point optimised as a float, no calibration data; --w_asym only
+  signround    SignRound (AutoRound): rounding offsets and range factors learned per block by signed
+               gradient descent against the float model's block outputs (--signround_iters steps)
 The block-by-block methods calibrate each decoder block on the outputs of the already-quantized
 blocks before it (peak memory: one block plus one layer's calibration activations).
 With --export, each quantized model is also written as a compressed-tensors folder and / or a
@@ -96,7 +98,7 @@ def build_parser(prog=None):
     p.add_argument("--quantize_embeddings", action="store_true",
                    help="quantize lm_head and the embedding tables too, weight-only with the same weight scheme "
                         "(kept float by default; tied weights become two quantized copies)")
-    p.add_argument("--method", nargs="+", choices=["rtn", "gptq", "awq", "smoothquant", "hqq"], default=["rtn"],
+    p.add_argument("--method", nargs="+", choices=["rtn", "gptq", "awq", "smoothquant", "hqq", "signround"], default=["rtn"],
                    help="quantization algorithms (default: rtn)")
     p.add_argument("--gptq_block_size", type=positive_int, default=128, help="GPTQ lazy-update block (default: 128)")
     p.add_argument("--gptq_damp", type=positive_float, default=0.01, help="GPTQ dampening, fraction of mean diag(H) (default: 0.01)")
@@ -104,6 +106,7 @@ def build_parser(prog=None):
     p.add_argument("--awq_grid", type=positive_int, default=20, help="AWQ: alpha values searched in [0, 1) (default: 20)")
     p.add_argument("--awq_tokens", type=positive_int, default=4096,
                    help="AWQ: calibration tokens per layer for the searches (default: 4096)")
+    p.add_argument("--signround_iters", type=int, default=200, help="SignRound: steps per block (default: 200)")
     p.add_argument("--sq_alpha", type=unit_float, nargs="+", default=[0.5],
                    help="SmoothQuant migration strengths in [0, 1], one run each (default: 0.5)")
     p.add_argument("--device_map", default=None,
@@ -152,9 +155,10 @@ def variants(methods, args) -> list:
 def recipe_for(method, alpha, w_bits, act, observer, args) -> Recipe:
     """The Recipe of one configuration, from the flags."""
     method_args = {"gptq": dict(block_size=args.gptq_block_size, damp=args.gptq_damp, act_order=args.act_order),
-                   "awq": dict(grid=args.awq_grid, tokens=args.awq_tokens), "smoothquant": dict(alpha=alpha)}.get(method, {})
+                   "awq": dict(grid=args.awq_grid, tokens=args.awq_tokens), "smoothquant": dict(alpha=alpha),
+                   "signround": dict(iters=args.signround_iters)}.get(method, {})
     return Recipe(weight=weight_scheme(w_bits, args.group_size, not args.w_asym), method=method, method_args=method_args,
-                  w_observer="minmax" if method in ("awq", "hqq") else args.w_observer,  # they search ranges their own way
+                  w_observer="minmax" if method in ("awq", "hqq", "signround") else args.w_observer,  # they search ranges their own way
                   activation=act_scheme(act, args.a_bits), a_observer=observer or None,
                   a_observer_args={"percentile": args.percentile} if observer == "percentile" else {},
                   embeddings=args.quantize_embeddings)
@@ -166,7 +170,8 @@ def method_args(recipe: Recipe) -> str:
     return {"rtn": "", "gptq": f"block={a.get('block_size')} damp={a.get('damp')} act_order={a.get('act_order')}"
                                + (" mse" if recipe.w_observer == "mse" else ""),
             "awq": f"grid={a.get('grid')} tokens={a.get('tokens')}", "smoothquant": f"alpha={a.get('alpha')}",
-            "hqq": f"iters={a.get('iters')} p={a.get('lp_norm')}"}[recipe.method]
+            "hqq": f"iters={a.get('iters')} p={a.get('lp_norm')}",
+            "signround": f"iters={a.get('iters')} batch={a.get('batch')}"}[recipe.method]
 
 
 def peak_rss_mb() -> float:

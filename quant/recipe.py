@@ -27,6 +27,7 @@ METHOD_ARGS = {
     "awq": {"grid": 20, "tokens": 4096},
     "smoothquant": {"alpha": 0.5},
     "hqq": {"iters": 20, "lp_norm": 0.7, "beta": 10.0, "kappa": 1.01, "round_start": False},
+    "signround": {"iters": 200, "batch": 8, "minmax": True},  # batch: calibration windows per step
     "qat": {"mode": "ste", "epochs": 3, "lr": 1e-3},  # quantize_model prepares; the caller trains and freezes
 }
 GPTQ_PASS_TOKENS = 16384  # calibration tokens per block call in GPTQ (32 windows of 512: ~0.3 GB of fp32 attention)
@@ -55,7 +56,7 @@ class Recipe:
     stored with every default filled in, so two recipes that mean the same are equal and share an id.
 
     weight       the weight scheme (the grid every method ends on)
-    method       rtn | gptq | awq | smoothquant | hqq | qat, with `method_args` (see METHOD_ARGS)
+    method       rtn | gptq | awq | smoothquant | hqq | signround | qat, with `method_args` (see METHOD_ARGS)
     w_observer   how a weight's range is chosen: minmax | mse | percentile (GPTQ: its scale search);
                  AWQ runs its own clip search
     activation   None (weight-only), a per-tensor scheme (static, calibrated with `a_observer`) or
@@ -86,13 +87,19 @@ class Recipe:
         if self.method not in METHOD_ARGS:
             raise ValueError(f"method must be one of {sorted(METHOD_ARGS)}, got {self.method!r}")
         put("method_args", _filled(f"{self.method}", dict(self.method_args), METHOD_ARGS[self.method]))
+        a = dict(self.method_args)
+        bad = {"hqq": a.get("iters", 0) < 0 or not 0 < a.get("lp_norm", 1) <= 1 or a.get("beta", 1) <= 0 or a.get("kappa", 1) < 1,
+               "signround": a.get("iters", 0) < 0 or a.get("batch", 1) < 1}.get(self.method, False)
+        if bad:
+            raise ValueError(f"{self.method} arguments out of range: {a} (iters >= 0; hqq: 0 < lp_norm <= 1, beta > 0, "
+                             f"kappa >= 1; signround: batch >= 1)")
         if self.method == "qat" and dict(self.method_args)["mode"] not in ("ste", "lsq"):
             raise ValueError(f"qat mode must be 'ste' or 'lsq', got {dict(self.method_args)['mode']!r}")
         if self.w_observer not in W_OBSERVERS:
             raise ValueError(f"w_observer must be one of {W_OBSERVERS}, got {self.w_observer!r}")
         if self.method == "gptq" and self.w_observer == "percentile":
             raise ValueError("gptq chooses its ranges by min-max or its MSE search: w_observer minmax or mse")
-        if self.method in ("awq", "hqq") and self.w_observer != "minmax":
+        if self.method in ("awq", "hqq", "signround") and self.w_observer != "minmax":
             raise ValueError(f"{self.method} runs its own range search: leave w_observer at minmax")
         if self.method == "hqq" and self.weight.symmetric:
             raise ValueError("hqq optimises each group's zero point: give an asymmetric weight scheme")
@@ -128,7 +135,7 @@ class Recipe:
     @property
     def needs_calibration(self) -> bool:
         """Whether the result depends on calibration data (weight-only RTN and dynamic activations do not)."""
-        return self.method in ("gptq", "awq", "smoothquant") or self.act == "static"
+        return self.method in ("gptq", "awq", "smoothquant", "signround") or self.act == "static"
 
     @property
     def act(self) -> str:
@@ -212,14 +219,18 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib=None, progress: bool 
 
     from .arch import weight_matrix
     from .gptq import gptq_block
+    from .signround import signround_block
     from .smoothing import awq_block, smooth_block
     args = recipe.args
 
     def scheme_for(name, module):
         return layer_scheme(recipe.weight, weight_matrix(module).shape[1])
 
-    def process(index, block, inputs):
-        if recipe.method == "gptq":
+    def process(index, block, inputs, targets=None):
+        if recipe.method == "signround":
+            signround_block(block, inputs, targets, scheme_for, recipe.activation, iters=args["iters"],
+                            minmax=args["minmax"], seed=index)
+        elif recipe.method == "gptq":
             gptq_block(block, inputs, scheme_for, recipe.activation, block_size=args["block_size"], percdamp=args["damp"],
                        act_order=args["act_order"], mse=recipe.w_observer == "mse")
         elif recipe.method == "awq":
@@ -234,7 +245,10 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib=None, progress: bool 
 
     if recipe.method == "gptq" and not static:  # (observers of static activations may depend on batch boundaries)
         batches = merge_batches(batches, GPTQ_PASS_TOKENS)
-    sequential_quantize(model, batches, device, process, progress=progress, desc=f"{recipe.method} blocks")
+    if recipe.method == "signround":  # one step's batch: `batch` windows (batches are merged, never split)
+        batches = merge_batches(batches, args["batch"] * max(b.shape[-1] if torch.is_tensor(b) else 1 for b in batches))
+    sequential_quantize(model, batches, device, process, progress=progress, desc=f"{recipe.method} blocks",
+                        float_targets=recipe.method == "signround")
     if recipe.embeddings:  # lm_head and embeddings: round to nearest, weight-only
         quantize_linears(model, recipe.weight, None, group_fallback=recipe.group_fallback, embeddings=True,
                          w_observer=recipe.w_observer, **w_kw)

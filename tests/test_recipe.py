@@ -33,7 +33,9 @@ def recipes(draw):
         args = dict(alpha=draw(st.floats(0, 1)))
     elif method == "hqq":
         args = dict(iters=draw(st.integers(0, 50)), lp_norm=draw(st.floats(0.1, 1.0)), round_start=draw(st.booleans()))
-    w_observer = "minmax" if method in ("awq", "hqq") else draw(st.sampled_from(["minmax", "mse"]))
+    elif method == "signround":
+        args = dict(iters=draw(st.integers(0, 1000)), batch=draw(st.integers(1, 64)), minmax=draw(st.booleans()))
+    w_observer = "minmax" if method in ("awq", "hqq", "signround") else draw(st.sampled_from(["minmax", "mse"]))
     weight = draw(weights)
     if method == "hqq" and weight.symmetric:
         weight = QScheme(weight.bits, symmetric=False, granularity=weight.granularity, group_size=weight.group_size)
@@ -72,6 +74,9 @@ def test_defaults_are_filled_so_equal_meaning_gives_equal_id():
     (dict(method="awq", w_observer="mse"), "awq runs its own range search"),
     (dict(method="hqq"), "hqq optimises each group's zero point: give an asymmetric"),
     (dict(method="hqq", method_args={"iters": 2.5}), "iters must be a int"),
+    (dict(method="hqq", weight=QScheme(4, symmetric=False), method_args={"lp_norm": 1.5}), "out of range"),
+    (dict(method="signround", method_args={"batch": 0}), "out of range"),
+    (dict(method="signround", w_observer="mse"), "signround runs its own range search"),
     (dict(a_observer="minmax"), "a_observer applies only to static"),
     (dict(activation=QScheme(8, granularity="channel")), r"per tensor \(static\) or per token"),
     (dict(weight=QScheme(8, granularity="token")), "weight must be a static QScheme"),
