@@ -154,9 +154,9 @@ def variants(methods, args) -> list:
 
 def recipe_for(method, alpha, w_bits, act, observer, args) -> Recipe:
     """The Recipe of one configuration, from the flags."""
-    method_args = {"gptq": dict(block_size=args.gptq_block_size, damp=args.gptq_damp, act_order=args.act_order),
-                   "awq": dict(grid=args.awq_grid, tokens=args.awq_tokens), "smoothquant": dict(alpha=alpha),
-                   "signround": dict(iters=args.signround_iters)}.get(method, {})
+    method_args = {"gptq": lambda: dict(block_size=args.gptq_block_size, damp=args.gptq_damp, act_order=args.act_order),
+                   "awq": lambda: dict(grid=args.awq_grid, tokens=args.awq_tokens), "smoothquant": lambda: dict(alpha=alpha),
+                   "signround": lambda: dict(iters=args.signround_iters)}.get(method, dict)()
     return Recipe(weight=weight_scheme(w_bits, args.group_size, not args.w_asym), method=method, method_args=method_args,
                   w_observer="minmax" if method in ("awq", "hqq", "signround") else args.w_observer,  # they search ranges their own way
                   activation=act_scheme(act, args.a_bits), a_observer=observer or None,
