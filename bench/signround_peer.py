@@ -67,7 +67,7 @@ def worker(spec):
     how, version = (quantize_ours if spec["impl"] == "ours" else quantize_autoround)(model, data["calib"].to(spec["device"]), spec)
     sync(spec["device"])
     seconds = time.perf_counter() - t0
-    model.eval()
+    model.to(spec["device"]).eval()  # (AutoRound hands the model back on the CPU)
     with torch.no_grad():
         scores = evaluate(model, data["test"], 4, spec["device"], progress=False, stats=False)
     peak = round(torch.cuda.max_memory_allocated() / 2**20) if spec["device"].startswith("cuda") else None
