@@ -529,10 +529,13 @@ def peers(command):
         cols = [c for c in ("w_bits", "group_size", "seed", "batch_size", "run", "implementation", "perplexity",
                             "weight_rel_mse", "quantize_s", "peak_mib", "device_name", "code_version") if c in last.columns]
         t = last[cols].copy()
-        t["perplexity"] = [f"{v:.3f}" for v in t.perplexity]
+        for col, fmt in (("perplexity", "{:.3f}"), ("weight_rel_mse", "{:.5f}"), ("quantize_s", "{:.2f}"), ("peak_mib", "{:.0f}")):
+            if col in t:
+                t[col] = [fmt.format(v) if pd.notna(v) else "" for v in t[col]]
+        t = t.astype(object).where(t.notna(), "")
         r = last.iloc[-1]
         return (f"{r.model}, WikiText-2 test perplexity ({int(r.eval_windows)} windows of {int(r.seq_len)}); quantize_s: "
-                f"the quantize call alone (s). `python {command}`\n\n" + md(t))
+                f"the quantize call alone (s). `python {command}`\n\n" + t.to_markdown(index=False, disable_numparse=True))
     return section
 
 
