@@ -103,6 +103,8 @@ def build_parser(prog=None):
     p.add_argument("--gptq_block_size", type=positive_int, default=128, help="GPTQ lazy-update block (default: 128)")
     p.add_argument("--gptq_damp", type=positive_float, default=0.01, help="GPTQ dampening, fraction of mean diag(H) (default: 0.01)")
     p.add_argument("--act_order", action="store_true", help="GPTQ: quantize columns in decreasing Hessian-diagonal order")
+    p.add_argument("--gptaq", action="store_true",
+                   help="GPTQ: GPTAQ's objective, the float model's layer outputs from the quantized model's inputs")
     p.add_argument("--awq_grid", type=positive_int, default=20, help="AWQ: alpha values searched in [0, 1) (default: 20)")
     p.add_argument("--awq_tokens", type=positive_int, default=4096,
                    help="AWQ: calibration tokens per layer for the searches (default: 4096)")
@@ -154,7 +156,8 @@ def variants(methods, args) -> list:
 
 def recipe_for(method, alpha, w_bits, act, observer, args) -> Recipe:
     """The Recipe of one configuration, from the flags."""
-    method_args = {"gptq": lambda: dict(block_size=args.gptq_block_size, damp=args.gptq_damp, act_order=args.act_order),
+    method_args = {"gptq": lambda: dict(block_size=args.gptq_block_size, damp=args.gptq_damp, act_order=args.act_order,
+                                        gptaq=getattr(args, "gptaq", False)),
                    "awq": lambda: dict(grid=args.awq_grid, tokens=args.awq_tokens), "smoothquant": lambda: dict(alpha=alpha),
                    "signround": lambda: dict(iters=args.signround_iters)}.get(method, dict)()
     return Recipe(weight=weight_scheme(w_bits, args.group_size, not args.w_asym), method=method, method_args=method_args,
@@ -168,7 +171,7 @@ def method_args(recipe: Recipe) -> str:
     """The short form of the method's arguments that the tables show (the same text as before recipes)."""
     a = recipe.args
     return {"rtn": "", "gptq": f"block={a.get('block_size')} damp={a.get('damp')} act_order={a.get('act_order')}"
-                               + (" mse" if recipe.w_observer == "mse" else ""),
+                               + (" mse" if recipe.w_observer == "mse" else "") + (" gptaq" if a.get("gptaq") else ""),
             "awq": f"grid={a.get('grid')} tokens={a.get('tokens')}", "smoothquant": f"alpha={a.get('alpha')}",
             "hqq": f"iters={a.get('iters')} p={a.get('lp_norm')}",
             "signround": f"iters={a.get('iters')} batch={a.get('batch')}"}[recipe.method]

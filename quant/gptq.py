@@ -9,8 +9,12 @@ act-order (columns in order of decreasing Hessian diagonal; groups then keep the
 columns and their scales are fixed up front from the original weights — "static groups" — so
 that the checkpoint layout is unchanged), an optional MSE search of each scale's range (the
 reference code's `mse` quantizer), and true-sequential order within a block: each layer's
-Hessian comes from the inputs it gets once the layers before it are quantized.
+Hessian comes from the inputs it gets once the layers before it are quantized. GPTAQ (Li et al.
+2025) as an option: the objective becomes reproducing the *float* model's layer output from the
+quantized model's drifted inputs, which GPTQ solves on a shifted target weight (gptaq_target).
 """
+import copy
+
 import torch
 
 from .fake_quant import fake_quantize_prepared
@@ -19,19 +23,40 @@ from .scheme import QScheme, qparams_from_range, row_qparams
 
 
 class Hessian:
-    """Running H = 2/n * sum x x^T over every input row seen (bounded: in x in floats)."""
+    """Running H = 2/n * sum x x^T over every input row seen (bounded: in x in floats); given the
+    float model's inputs for the same rows too, also D = 2/n * sum (x_float - x) x^T (GPTAQ)."""
 
     def __init__(self, in_features: int, device=None):
         self.H = torch.zeros(in_features, in_features, device=device, dtype=torch.float32)
+        self.D = None
         self.n = 0
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, x_float: torch.Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         m = x.shape[0]
-        self.H *= self.n / (self.n + m)
+        keep = self.n / (self.n + m)
+        self.H *= keep
         self.n += m
+        if x_float is not None:
+            dx = x_float.reshape(-1, x.shape[-1]).float() - x
+            self.D = torch.zeros_like(self.H) if self.D is None else self.D.mul_(keep)
+            self.D += (2.0 / self.n) * (dx.t() @ x)
         x = x * (2.0 / self.n) ** 0.5
         self.H += x.t() @ x
+
+
+def gptaq_target(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """The weight GPTQ should quantize for GPTAQ's objective ||W X_float - Q X||^2, where X are the
+    quantized model's inputs and X_float the float model's: with H = XX^T and D = (X_float - X)X^T,
+    that objective is ||(W* - Q) X||^2 + const for the least-squares target W* = W (I + D H^-1),
+    so GPTQ on W* with H minimizes it (H dampened as GPTQ dampens it)."""
+    H = H.clone().float()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], device=H.device)
+    L = torch.linalg.cholesky(H)
+    WD = W.float() @ D
+    return W.float() + torch.cholesky_solve(WD.t(), L).t()
 
 
 def _column_kernel(W: torch.Tensor):
@@ -142,13 +167,16 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QScheme, block_size:
 
 
 @torch.no_grad()
-def gptq_block(block, inputs: list, scheme_for, a_scheme=None, skip=(), **gptq_kwargs) -> None:
+def gptq_block(block, inputs: list, scheme_for, a_scheme=None, skip=(), float_inputs: list | None = None,
+               **gptq_kwargs) -> None:
     """GPTQ on every linear of one decoder block, true-sequentially: for each group of layers in
     block order (q/k/v, o, gate/up, down), one pass over the calibration inputs through the block
     as quantized so far collects the group's Hessian, then its weights are quantized and the
     layers swapped for QuantLinears. Activation quantizers of the layers already done stay off
     (static ones are calibrated after the block is quantized): the Hessians see quantized
-    weights and float activations."""
+    weights and float activations. With float_inputs (the float model's inputs to this block,
+    batch for batch), GPTAQ: each layer's float input comes from a float copy of the block, and
+    the weight is quantized towards reproducing the float layer on it (gptaq_target)."""
     from .arch import is_linear, scale_groups, weight_matrix
     from .calibrate import activation_quant_disabled
     from .modules import QuantLinear, replace_module
@@ -160,10 +188,17 @@ def gptq_block(block, inputs: list, scheme_for, a_scheme=None, skip=(), **gptq_k
         names = [n for n in consumers if n in linears]
         for n in names[1:]:
             owner[n] = names[0]
+    float_block = copy.deepcopy(block) if float_inputs is not None else None
     for lead in dict.fromkeys(owner.values()):  # group leaders, in block order
         hessian = Hessian(weight_matrix(linears[lead]).shape[1], device=linears[lead].weight.device)
         with activation_quant_disabled(block):
-            collect_inputs(block, inputs, {lead: block.get_submodule(lead)}, lambda name, x: hessian.add(x))
+            if float_block is None:
+                collect_inputs(block, inputs, {lead: block.get_submodule(lead)}, lambda name, x: hessian.add(x))
+            else:  # batch by batch: the float layer input of a batch, then the quantized one
+                for inp, finp in zip(inputs, float_inputs):
+                    got = []
+                    collect_inputs(float_block, [finp], {lead: float_block.get_submodule(lead)}, lambda name, x: got.append(x))
+                    collect_inputs(block, [inp], {lead: block.get_submodule(lead)}, lambda name, x: hessian.add(x, got[0]))
         names = [n for n in linears if owner[n] == lead]
         schemes = {n: scheme_for(n, linears[n]) for n in names}
         # GPTQ treats every row alike given H, so the layers sharing H (q/k/v, gate/up) are
@@ -173,7 +208,10 @@ def gptq_block(block, inputs: list, scheme_for, a_scheme=None, skip=(), **gptq_k
         stack = len(names) > 1 and first.granularity != "tensor" and all(sc == first for sc in schemes.values())
         for batch in [names] if stack else [[n] for n in names]:
             ws = [weight_matrix(linears[n]) for n in batch]
-            q, scale, zp = gptq_quantize(torch.cat(ws) if stack else ws[0], hessian.H, schemes[batch[0]], **gptq_kwargs)
+            W = torch.cat(ws) if stack else ws[0]
+            if hessian.D is not None:
+                W = gptaq_target(W, hessian.H, hessian.D, gptq_kwargs.get("percdamp", 0.01))
+            q, scale, zp = gptq_quantize(W, hessian.H, schemes[batch[0]], **gptq_kwargs)
             rows = [w.shape[0] for w in ws]
             parts = zip(q.split(rows), scale.split(rows), zp.split(rows)) if stack else [(q, scale, zp)]
             for name, (q, scale, zp) in zip(batch, parts):

@@ -23,13 +23,16 @@ from .scheme import QScheme
 # each method's arguments and their defaults: a recipe always holds all of them, filled in
 METHOD_ARGS = {
     "rtn": {},
-    "gptq": {"block_size": 128, "damp": 0.01, "act_order": False},
+    "gptq": {"block_size": 128, "damp": 0.01, "act_order": False, "gptaq": False},
     "awq": {"grid": 20, "tokens": 4096},
     "smoothquant": {"alpha": 0.5},
     "hqq": {"iters": 20, "lp_norm": 0.7, "beta": 10.0, "kappa": 1.01, "round_start": False},
     "signround": {"iters": 200, "batch": 8, "minmax": True},  # batch: calibration windows per step
     "qat": {"mode": "ste", "epochs": 3, "lr": 1e-3},  # quantize_model prepares; the caller trains and freezes
 }
+# arguments added after recipes first carried ids: written into the JSON only when not at their
+# default, so that every recipe that existed before keeps its id (and its rows and artefacts)
+LATER_ARGS = {"gptq": {"gptaq": False}}
 GPTQ_PASS_TOKENS = 16384  # calibration tokens per block call in GPTQ (32 windows of 512: ~0.3 GB of fp32 attention)
 W_OBSERVERS = ("minmax", "mse", "percentile")
 A_OBSERVERS = ("minmax", "ema", "percentile", "mse", "entropy")
@@ -119,6 +122,8 @@ class Recipe:
                                            OBSERVER_ARGS.get(self.a_observer, {})))
         elif self.a_observer is not None or self.a_observer_args:
             raise ValueError("a_observer applies only to static (per-tensor) activation quantization")
+        else:
+            put("a_observer_args", ())
         if self.method == "smoothquant" and self.activation is None:
             raise ValueError("smoothquant only helps quantized activations: give an activation scheme")
         if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
@@ -142,7 +147,9 @@ class Recipe:
         return "none" if self.activation is None else "dynamic" if self.activation.dynamic else "static"
 
     def to_dict(self) -> dict:
-        return {"version": self.version, "method": self.method, "method_args": dict(self.method_args),
+        later = LATER_ARGS.get(self.method, {})
+        method_args = {k: v for k, v in self.method_args if not (k in later and v == later[k])}
+        return {"version": self.version, "method": self.method, "method_args": method_args,
                 "weight": self.weight.to_dict(), "w_observer": self.w_observer,
                 "w_observer_args": dict(self.w_observer_args),
                 "activation": None if self.activation is None else self.activation.to_dict(),
@@ -171,7 +178,7 @@ class Recipe:
     def describe(self) -> str:
         a = self.activation
         w = f"W{self.weight.bits}" + (f"A{a.bits} {self.act}" if a is not None else "")
-        extra = [f"{k}={v}" for k, v in self.method_args]
+        extra = [f"{k}={v}" for k, v in sorted(self.to_dict()["method_args"].items())]
         if self.w_observer != "minmax":
             extra.append(f"w_observer={self.w_observer}")
         if self.a_observer:
@@ -226,13 +233,13 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib=None, progress: bool 
     def scheme_for(name, module):
         return layer_scheme(recipe.weight, weight_matrix(module).shape[1])
 
-    def process(index, block, inputs, targets=None):
+    def process(index, block, inputs, float_inputs=None, float_outputs=None):
         if recipe.method == "signround":
-            signround_block(block, inputs, targets, scheme_for, recipe.activation, iters=args["iters"],
+            signround_block(block, inputs, float_outputs, scheme_for, recipe.activation, iters=args["iters"],
                             minmax=args["minmax"], seed=index)
         elif recipe.method == "gptq":
-            gptq_block(block, inputs, scheme_for, recipe.activation, block_size=args["block_size"], percdamp=args["damp"],
-                       act_order=args["act_order"], mse=recipe.w_observer == "mse")
+            gptq_block(block, inputs, scheme_for, recipe.activation, float_inputs=float_inputs, block_size=args["block_size"],
+                       percdamp=args["damp"], act_order=args["act_order"], mse=recipe.w_observer == "mse")
         elif recipe.method == "awq":
             awq_block(block, inputs, scheme_for, recipe.activation, n_grid=args["grid"], max_rows=args["tokens"])
         else:  # smoothquant: fold the smoothing scales, then round to nearest
@@ -248,7 +255,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib=None, progress: bool 
     if recipe.method == "signround":  # one step's batch: `batch` windows (batches are merged, never split)
         batches = merge_batches(batches, args["batch"] * max(b.shape[-1] if torch.is_tensor(b) else 1 for b in batches))
     sequential_quantize(model, batches, device, process, progress=progress, desc=f"{recipe.method} blocks",
-                        float_targets=recipe.method == "signround")
+                        float_chain=recipe.method == "signround" or (recipe.method == "gptq" and args["gptaq"]))
     if recipe.embeddings:  # lm_head and embeddings: round to nearest, weight-only
         quantize_linears(model, recipe.weight, None, group_fallback=recipe.group_fallback, embeddings=True,
                          w_observer=recipe.w_observer, **w_kw)

@@ -94,21 +94,22 @@ def collect_inputs(block: nn.Module, inputs: list, modules: dict, observe) -> No
 
 @torch.no_grad()
 def sequential_quantize(model: nn.Module, batches, device, process, progress: bool = True, desc: str = "blocks",
-                        float_targets: bool = False) -> None:
+                        float_chain: bool = False) -> None:
     """For each decoder block: process(index, block, inputs), then propagate the inputs through
-    the processed block. With float_targets, the float model's own chain runs alongside (a second
-    set of activations) and process(index, block, inputs, targets) also gets the float block's
-    outputs on the float model's inputs: what the quantized block should reproduce."""
+    the processed block. With float_chain, the float model's own activations run alongside (a
+    second set) and process(index, block, inputs, float_inputs, float_outputs) also gets the
+    float block's inputs and outputs in the float model, batch for batch: what the quantized
+    block's inputs drifted from, and what it should reproduce."""
     blocks = decoder_blocks(model)
     inputs = first_block_inputs(model, blocks, batches, device)
     if not inputs:
         raise ValueError("sequential calibration got no batches")
     float_inputs = inputs
     for i, block in enumerate(tqdm(blocks, desc=desc, disable=not progress, leave=False)):
-        if float_targets:
-            targets = [run_block(block, args, kwargs) for args, kwargs in float_inputs]
-            process(i, block, inputs, targets)
-            float_inputs = [((t,) + tuple(args[1:]), kwargs) for t, (args, kwargs) in zip(targets, float_inputs)]
+        if float_chain:
+            outputs = [run_block(block, args, kwargs) for args, kwargs in float_inputs]
+            process(i, block, inputs, float_inputs, outputs)
+            float_inputs = [((t,) + tuple(args[1:]), kwargs) for t, (args, kwargs) in zip(outputs, float_inputs)]
         else:
             process(i, block, inputs)
         inputs = [((run_block(block, args, kwargs),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]

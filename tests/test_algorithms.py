@@ -223,3 +223,44 @@ def test_gptq_same_result_in_any_calibration_batching(monkeypatch):
     for n, w in weights[0].items():
         # (scales move in the last float digits; a weight on a rounding boundary may move a step)
         assert (~torch.isclose(w, weights[1][n], rtol=1e-4, atol=1e-7)).float().mean() < 0.01, n
+
+
+def test_gptaq_target_solves_the_asymmetric_objective():
+    from quant.gptq import Hessian, gptaq_target, gptq_quantize
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(16, 32, generator=g)
+    X = torch.randn(2048, 32, generator=g)  # the quantized model's inputs (rows: tokens)
+    # the float model's inputs, drifted from them: partly a linear map of them, partly noise
+    Xf = X @ (torch.eye(32) + 0.1 * torch.randn(32, 32, generator=g)) + 0.1 * torch.randn(2048, 32, generator=g)
+    h = Hessian(32)
+    for a, b in zip(X.split(512), Xf.split(512)):  # accumulated in batches, like calibration
+        h.add(a, b)
+    assert torch.allclose(h.H, 2 / 2048 * X.t() @ X, atol=1e-3) and torch.allclose(h.D, 2 / 2048 * (Xf - X).t() @ X, atol=1e-3)
+    target = gptaq_target(W, h.H, h.D, percdamp=1e-9)
+    # the normal equations of min ||W Xf^T - T X^T||: T (X^T X) = W (Xf^T X)
+    assert torch.allclose(target @ (X.t() @ X), W @ (Xf.t() @ X), rtol=1e-3, atol=1e-2)
+    objective = lambda Q: float((Xf @ W.t() - X @ Q.t()).pow(2).sum())  # noqa: E731
+    scheme = QScheme(3, symmetric=False, granularity="group", group_size=8)
+    plain = gptq_quantize(W, h.H, scheme)[0]
+    gptaq = gptq_quantize(target, h.H, scheme)[0]
+    floor = objective(target)  # what no weight can go below (the drift a linear map cannot explain)
+    assert objective(target) <= objective(W) and objective(gptaq) - floor < 0.5 * (objective(plain) - floor)
+    same = Hessian(32)
+    same.add(X, X)  # no drift: the target is the weight itself
+    assert torch.equal(gptaq_target(W, same.H, same.D, 0.01), W)
+
+
+def test_gptaq_end_to_end_and_old_gptq_ids_unchanged(source, tmp_path):
+    from quant import Recipe
+    plain = Recipe(weight=QScheme(4, symmetric=False, granularity="group", group_size=128), method="gptq",
+                   method_args={"act_order": True}, w_observer="mse")
+    assert plain.id == "209bfa175762"  # its id from before the gptaq argument existed (rows and artefacts carry it)
+    rows = ptq_llm.main(["--model_name", source, "--data_dir", DATA, "--results_dir", str(tmp_path), "--no_progress",
+                         "--seq_len", "64", "--eval_samples", "8", "--calib_samples", "8", "--bits", "3", "--w_asym",
+                         "--group_size", "32", "--act", "none", "--method", "gptq", "--skip_fp32"])
+    rows += ptq_llm.main(["--model_name", source, "--data_dir", DATA, "--results_dir", str(tmp_path), "--no_progress",
+                          "--seq_len", "64", "--eval_samples", "8", "--calib_samples", "8", "--bits", "3", "--w_asym",
+                          "--group_size", "32", "--act", "none", "--method", "gptq", "--gptaq", "--skip_fp32"])
+    assert [r["method_args"].endswith("gptaq") for r in rows] == [False, True]
+    assert rows[0]["recipe_id"] != rows[1]["recipe_id"] and rows[0]["perplexity"] != rows[1]["perplexity"]
+    assert rows[1]["perplexity"] < 1.3 * rows[0]["perplexity"]
