@@ -105,6 +105,8 @@ def build_parser(prog=None):
     p.add_argument("--act_order", action="store_true", help="GPTQ: quantize columns in decreasing Hessian-diagonal order")
     p.add_argument("--gptaq", action="store_true",
                    help="GPTQ: GPTAQ's objective, the float model's layer outputs from the quantized model's inputs")
+    p.add_argument("--gptaq_alpha", type=unit_float, default=1.0,
+                   help="GPTAQ: fraction of its correction applied, in (0, 1] (default: 1, the exact least-squares target)")
     p.add_argument("--awq_grid", type=positive_int, default=20, help="AWQ: alpha values searched in [0, 1) (default: 20)")
     p.add_argument("--awq_tokens", type=positive_int, default=4096,
                    help="AWQ: calibration tokens per layer for the searches (default: 4096)")
@@ -157,7 +159,7 @@ def variants(methods, args) -> list:
 def recipe_for(method, alpha, w_bits, act, observer, args) -> Recipe:
     """The Recipe of one configuration, from the flags."""
     method_args = {"gptq": lambda: dict(block_size=args.gptq_block_size, damp=args.gptq_damp, act_order=args.act_order,
-                                        gptaq=getattr(args, "gptaq", False)),
+                                        gptaq=getattr(args, "gptaq", False), gptaq_alpha=getattr(args, "gptaq_alpha", 1.0)),
                    "awq": lambda: dict(grid=args.awq_grid, tokens=args.awq_tokens), "smoothquant": lambda: dict(alpha=alpha),
                    "signround": lambda: dict(iters=args.signround_iters)}.get(method, dict)()
     return Recipe(weight=weight_scheme(w_bits, args.group_size, not args.w_asym), method=method, method_args=method_args,
@@ -171,7 +173,8 @@ def method_args(recipe: Recipe) -> str:
     """The short form of the method's arguments that the tables show (the same text as before recipes)."""
     a = recipe.args
     return {"rtn": "", "gptq": f"block={a.get('block_size')} damp={a.get('damp')} act_order={a.get('act_order')}"
-                               + (" mse" if recipe.w_observer == "mse" else "") + (" gptaq" if a.get("gptaq") else ""),
+                               + (" mse" if recipe.w_observer == "mse" else "") + (" gptaq" if a.get("gptaq") else "")
+                               + (f" alpha={a.get('gptaq_alpha')}" if a.get("gptaq") and a.get("gptaq_alpha") != 1.0 else ""),
             "awq": f"grid={a.get('grid')} tokens={a.get('tokens')}", "smoothquant": f"alpha={a.get('alpha')}",
             "hqq": f"iters={a.get('iters')} p={a.get('lp_norm')}",
             "signround": f"iters={a.get('iters')} batch={a.get('batch')}"}[recipe.method]

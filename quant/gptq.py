@@ -45,18 +45,19 @@ class Hessian:
         self.H += x.t() @ x
 
 
-def gptaq_target(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, percdamp: float) -> torch.Tensor:
+def gptaq_target(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, percdamp: float, alpha: float = 1.0) -> torch.Tensor:
     """The weight GPTQ should quantize for GPTAQ's objective ||W X_float - Q X||^2, where X are the
     quantized model's inputs and X_float the float model's: with H = XX^T and D = (X_float - X)X^T,
     that objective is ||(W* - Q) X||^2 + const for the least-squares target W* = W (I + D H^-1),
-    so GPTQ on W* with H minimizes it (H dampened as GPTQ dampens it)."""
+    so GPTQ on W* with H minimizes it (H dampened as GPTQ dampens it). alpha < 1 moves only that
+    fraction of the way (the reference implementation scales its correction by 0.25)."""
     H = H.clone().float()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     H += percdamp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], device=H.device)
     L = torch.linalg.cholesky(H)
     WD = W.float() @ D
-    return W.float() + torch.cholesky_solve(WD.t(), L).t()
+    return W.float() + alpha * torch.cholesky_solve(WD.t(), L).t()
 
 
 def _column_kernel(W: torch.Tensor):
@@ -168,7 +169,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QScheme, block_size:
 
 @torch.no_grad()
 def gptq_block(block, inputs: list, scheme_for, a_scheme=None, skip=(), float_inputs: list | None = None,
-               **gptq_kwargs) -> None:
+               gptaq_alpha: float = 1.0, **gptq_kwargs) -> None:
     """GPTQ on every linear of one decoder block, true-sequentially: for each group of layers in
     block order (q/k/v, o, gate/up, down), one pass over the calibration inputs through the block
     as quantized so far collects the group's Hessian, then its weights are quantized and the
@@ -210,7 +211,7 @@ def gptq_block(block, inputs: list, scheme_for, a_scheme=None, skip=(), float_in
             ws = [weight_matrix(linears[n]) for n in batch]
             W = torch.cat(ws) if stack else ws[0]
             if hessian.D is not None:
-                W = gptaq_target(W, hessian.H, hessian.D, gptq_kwargs.get("percdamp", 0.01))
+                W = gptaq_target(W, hessian.H, hessian.D, gptq_kwargs.get("percdamp", 0.01), gptaq_alpha)
             q, scale, zp = gptq_quantize(W, hessian.H, schemes[batch[0]], **gptq_kwargs)
             rows = [w.shape[0] for w in ws]
             parts = zip(q.split(rows), scale.split(rows), zp.split(rows)) if stack else [(q, scale, zp)]

@@ -23,7 +23,7 @@ from .scheme import QScheme
 # each method's arguments and their defaults: a recipe always holds all of them, filled in
 METHOD_ARGS = {
     "rtn": {},
-    "gptq": {"block_size": 128, "damp": 0.01, "act_order": False, "gptaq": False},
+    "gptq": {"block_size": 128, "damp": 0.01, "act_order": False, "gptaq": False, "gptaq_alpha": 1.0},
     "awq": {"grid": 20, "tokens": 4096},
     "smoothquant": {"alpha": 0.5},
     "hqq": {"iters": 20, "lp_norm": 0.7, "beta": 10.0, "kappa": 1.01, "round_start": False},
@@ -32,7 +32,7 @@ METHOD_ARGS = {
 }
 # arguments added after recipes first carried ids: written into the JSON only when not at their
 # default, so that every recipe that existed before keeps its id (and its rows and artefacts)
-LATER_ARGS = {"gptq": {"gptaq": False}}
+LATER_ARGS = {"gptq": {"gptaq": False, "gptaq_alpha": 1.0}}
 GPTQ_PASS_TOKENS = 16384  # calibration tokens per block call in GPTQ (32 windows of 512: ~0.3 GB of fp32 attention)
 W_OBSERVERS = ("minmax", "mse", "percentile")
 A_OBSERVERS = ("minmax", "ema", "percentile", "mse", "entropy")
@@ -91,11 +91,12 @@ class Recipe:
             raise ValueError(f"method must be one of {sorted(METHOD_ARGS)}, got {self.method!r}")
         put("method_args", _filled(f"{self.method}", dict(self.method_args), METHOD_ARGS[self.method]))
         a = dict(self.method_args)
-        bad = {"hqq": a.get("iters", 0) < 0 or not 0 < a.get("lp_norm", 1) <= 1 or a.get("beta", 1) <= 0 or a.get("kappa", 1) < 1,
+        bad = {"gptq": not 0 < a.get("gptaq_alpha", 1) <= 1,
+               "hqq": a.get("iters", 0) < 0 or not 0 < a.get("lp_norm", 1) <= 1 or a.get("beta", 1) <= 0 or a.get("kappa", 1) < 1,
                "signround": a.get("iters", 0) < 0 or a.get("batch", 1) < 1}.get(self.method, False)
         if bad:
             raise ValueError(f"{self.method} arguments out of range: {a} (iters >= 0; hqq: 0 < lp_norm <= 1, beta > 0, "
-                             f"kappa >= 1; signround: batch >= 1)")
+                             f"kappa >= 1; signround: batch >= 1; gptq: 0 < gptaq_alpha <= 1)")
         if self.method == "qat" and dict(self.method_args)["mode"] not in ("ste", "lsq"):
             raise ValueError(f"qat mode must be 'ste' or 'lsq', got {dict(self.method_args)['mode']!r}")
         if self.w_observer not in W_OBSERVERS:
@@ -238,8 +239,9 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib=None, progress: bool 
             signround_block(block, inputs, float_outputs, scheme_for, recipe.activation, iters=args["iters"],
                             minmax=args["minmax"], seed=index)
         elif recipe.method == "gptq":
-            gptq_block(block, inputs, scheme_for, recipe.activation, float_inputs=float_inputs, block_size=args["block_size"],
-                       percdamp=args["damp"], act_order=args["act_order"], mse=recipe.w_observer == "mse")
+            gptq_block(block, inputs, scheme_for, recipe.activation, float_inputs=float_inputs, gptaq_alpha=args["gptaq_alpha"],
+                       block_size=args["block_size"], percdamp=args["damp"], act_order=args["act_order"],
+                       mse=recipe.w_observer == "mse")
         elif recipe.method == "awq":
             awq_block(block, inputs, scheme_for, recipe.activation, n_grid=args["grid"], max_rows=args["tokens"])
         else:  # smoothquant: fold the smoothing scales, then round to nearest

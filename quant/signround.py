@@ -83,7 +83,7 @@ def signround_block(block, inputs: list, targets: list, scheme_for, a_scheme=Non
                     minmax: bool = True, seed: int = 0) -> dict:
     """SignRound on one float block, then its linear layers swapped for QuantLinears.
     inputs: [(args, kwargs)] of the block's calls (the quantized model's); targets: the float
-    model's block outputs for the same windows. One calibration batch per step, drawn at random.
+    model's block outputs for the same windows. Each step: as many windows as the first batch holds.
     Returns {"loss_start", "loss_best", "best_step"}."""
     from .modules import QuantLinear, replace_module
     linears = {n: m for n, m in block.named_modules() if is_linear(m)}
@@ -93,16 +93,30 @@ def signround_block(block, inputs: list, targets: list, scheme_for, a_scheme=Non
     for p in frozen:  # only the rounding state learns
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
+    # each step trains on a batch of windows drawn afresh (shuffled, each once per pass over the
+    # set), not on one of the fixed calibration batches: the windows carry no padding, so the
+    # first batch's other arguments (positions, causal mask) serve any batch of its size
+    (args0, kwargs0), size = inputs[0], inputs[0][0][0].shape[0]
+    windows = [(k, i) for k, (args, _) in enumerate(inputs) for i in range(args[0].shape[0])]
+    order = []
+
+    def draw():
+        nonlocal order
+        if len(order) < size:
+            order += torch.randperm(len(windows), generator=gen).tolist()
+        picked, order = [windows[j] for j in order[:size]], order[size:]
+        x = torch.cat([inputs[k][0][0][i:i + 1] for k, i in picked])
+        return (x,) + tuple(args0[1:]), torch.cat([targets[k][i:i + 1] for k, i in picked])
+
     best_loss, best_step, start_loss = math.inf, -1, None
     best = {n: (layer.v.clone(), layer.lo.clone(), layer.hi.clone()) for n, layer in layers.items()}
     try:
         with torch.enable_grad():
             for step in range(iters):
-                k = int(torch.randint(len(inputs), (1,), generator=gen))
-                args, kwargs = inputs[k]
+                args, target = draw()
                 weights = {f"{n}.weight": layer.as_stored(layer.weight()[0]) for n, layer in layers.items()}
-                out = _output(functional_call(block, weights, args, kwargs))
-                loss = F.mse_loss(out.float(), targets[k].float())
+                out = _output(functional_call(block, weights, args, kwargs0))
+                loss = F.mse_loss(out.float(), target.float())
                 value = float(loss.detach())
                 start_loss = value if start_loss is None else start_loss
                 if value < best_loss:
