@@ -105,8 +105,9 @@ def build_parser(prog=None):
     p.add_argument("--act_order", action="store_true", help="GPTQ: quantize columns in decreasing Hessian-diagonal order")
     p.add_argument("--gptaq", action="store_true",
                    help="GPTQ: GPTAQ's objective, the float model's layer outputs from the quantized model's inputs")
-    p.add_argument("--gptaq_alpha", type=unit_float, default=1.0,
-                   help="GPTAQ: fraction of its correction applied, in (0, 1] (default: 1, the exact least-squares target)")
+    p.add_argument("--gptaq_alpha", type=unit_float, default=0.25,
+                   help="GPTAQ: fraction of its correction applied, in (0, 1]; 1 is the exact least-squares target "
+                        "(default: 0.25, the reference implementation's, and better than 1 in results/)")
     p.add_argument("--awq_grid", type=positive_int, default=20, help="AWQ: alpha values searched in [0, 1) (default: 20)")
     p.add_argument("--awq_tokens", type=positive_int, default=4096,
                    help="AWQ: calibration tokens per layer for the searches (default: 4096)")

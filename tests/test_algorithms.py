@@ -261,6 +261,6 @@ def test_gptaq_end_to_end_and_old_gptq_ids_unchanged(source, tmp_path):
     rows += ptq_llm.main(["--model_name", source, "--data_dir", DATA, "--results_dir", str(tmp_path), "--no_progress",
                           "--seq_len", "64", "--eval_samples", "8", "--calib_samples", "8", "--bits", "3", "--w_asym",
                           "--group_size", "32", "--act", "none", "--method", "gptq", "--gptaq", "--skip_fp32"])
-    assert [r["method_args"].endswith("gptaq") for r in rows] == [False, True]
+    assert ["gptaq alpha=0.25" in r["method_args"] for r in rows] == [False, True]
     assert rows[0]["recipe_id"] != rows[1]["recipe_id"] and rows[0]["perplexity"] != rows[1]["perplexity"]
     assert rows[1]["perplexity"] < 1.3 * rows[0]["perplexity"]
