@@ -77,7 +77,10 @@ def test_ctrl_c_is_one_line_and_keeps_finished_rows(tmp_path):
                           "--retrain", "--epochs", "1", "--train_subset", "2000", "--no_progress",
                           "--bits", "8", "4", "3", "2", "--observers", "minmax", "ema", "percentile", "mse", "entropy",
                           "--calib_samples", "1000"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                         text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                         # a suite started in the background (nohup ... &) ignores SIGINT and the child would
+                         # inherit that: give it the disposition a terminal's Ctrl-C meets
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not (out.exists() and len(pd.read_csv(out)) >= 2):
         time.sleep(0.05)
