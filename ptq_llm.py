@@ -26,6 +26,8 @@ GGUF file, loaded back through that format's own loader and scored on the same w
 """
 import argparse
 import copy
+import dataclasses
+import json
 import math
 import os
 import re
@@ -64,9 +66,12 @@ from llm import (
     wikitext_text,
 )
 from quant import QScheme, Recipe, float_size_bytes, quant_modules, quantize_model, quantized_size_bytes, save_quantized
+from quant.arch import weight_matrix
+from quant.checkpoint import atomic_path, bits_per_weight
 from quant.export import FORMATS as EXPORT_FORMATS
 from quant.export import export_problem, gguf_tokenizer_problem, save_compressed_tensors, save_gguf
-from results import Results, code_version, environment, settings_id, timestamp
+from quant.modules import layer_scheme
+from results import Results, append_rows, code_version, environment, settings_id, timestamp
 from stats import bootstrap_mean, encode
 
 EXPERIMENT = "ptq_llm"
@@ -112,6 +117,19 @@ def build_parser(prog=None):
     p.add_argument("--awq_tokens", type=positive_int, default=4096,
                    help="AWQ: calibration tokens per layer for the searches (default: 4096)")
     p.add_argument("--signround_iters", type=int, default=200, help="SignRound: steps per block (default: 200)")
+    p.add_argument("--budget_bits", type=positive_float, nargs="+", default=[],
+                   help="mixed precision: instead of the uniform weight-only rows at --bits, one row per budget of average "
+                        "stored bits per quantized weight (scales and zero points counted); each layer gets the candidate "
+                        "scheme (--mp_bits x --mp_groups) that the allocation picks from its measured sensitivity")
+    p.add_argument("--budget_bytes", type=positive_int, nargs="+", default=[],
+                   help="mixed precision as --budget_bits, each budget the checkpoint's total bytes (a row's size_bytes)")
+    p.add_argument("--mp_bits", type=bits_type, nargs="+", default=[2, 3, 4, 8],
+                   help="mixed precision: candidate weight bits (default: 2 3 4 8)")
+    p.add_argument("--mp_groups", type=int, nargs="+", default=[64, 128, 0],
+                   help="mixed precision: candidate group sizes below 8 bits, 0 = per-channel (default: 64 128 0)")
+    p.add_argument("--mp_samples", type=positive_int, default=8,
+                   help="mixed precision: calibration windows the layers' sensitivities are measured on; the float "
+                        "model's log-probabilities of all of them are held (default: 8)")
     p.add_argument("--sq_alpha", type=unit_float, nargs="+", default=[0.5],
                    help="SmoothQuant migration strengths in [0, 1], one run each (default: 0.5)")
     p.add_argument("--device_map", default=None,
@@ -194,6 +212,45 @@ def peak_gpu_mb(device: str):
     return round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.startswith("cuda") else None
 
 
+def candidates(args) -> list[QScheme]:
+    """The weight schemes a mixed-precision allocation chooses among, cheapest grid first."""
+    out = []
+    for b in sorted(set(args.mp_bits)):
+        for g in (sorted(set(args.mp_groups), reverse=True) if b < 8 else [0]):
+            sch = weight_scheme(b, g, not args.w_asym)
+            if sch not in out:
+                out.append(sch)
+    return out
+
+
+def mixed_recipe(template: Recipe, cands: list, sens: dict, model, budget: tuple, fp32_size: int) -> Recipe:
+    """The template's method with one candidate scheme per layer, allocated within the budget:
+    ("bits", average bits per quantized weight) or ("bytes", the whole checkpoint's bytes)."""
+    from quant.mixed import allocate, layer_costs
+    names = list(sens)
+    costs = layer_costs(model, cands, names, fractional=template.method == "hqq")
+    mods = dict(model.named_modules())
+    numel = sum(weight_matrix(mods[n]).numel() for n in names)
+    kind, value = budget
+    if kind == "bits":
+        limit = math.floor(value * numel / 8)
+    else:  # the checkpoint's other tensors (embeddings, norms, biases) are stored as they are
+        rest = fp32_size - sum(weight_matrix(mods[n]).numel() * weight_matrix(mods[n]).element_size() for n in names)
+        limit = int(value) - rest
+    try:
+        pick = allocate(costs, [sens[n] for n in names], limit)
+    except ValueError as e:
+        raise UsageError(f"--budget_{kind} {value}: {e}") from None
+    # each layer's scheme as it applies (per-channel where the layer is narrower than the group)
+    chosen = [layer_scheme(cands[i], weight_matrix(mods[n]).shape[1]) for n, i in zip(names, pick)]
+    common = max(chosen, key=lambda c: (chosen.count(c), c.bits))  # the default scheme: the one most layers got
+    return dataclasses.replace(template, weight=common, layer_weights=dict(zip(names, chosen)))
+
+
+def budget_text(budget: tuple) -> str:
+    return f"{budget[1]:g} bits/weight" if budget[0] == "bits" else f"{int(budget[1])} bytes"
+
+
 SUMMARY = ["method", "seed", "w_bits", "a_bits", "act", "observer", "granularity", "group_size", "perplexity", "size_bytes",
            "quant_seconds", "seconds"]
 
@@ -272,12 +329,29 @@ def main(argv=None):
     if calib_text is None:
         calib_split, calib_text = "validation", wikitext_text("validation", args.data_dir)
         print("WikiText-2 train split not available: calibrating on the validation split")
+    budgets = [("bits", b) for b in args.budget_bits] + [("bytes", b) for b in args.budget_bytes]
+    if budgets and (args.export or args.quantize_embeddings or args.device_map):
+        raise UsageError("--budget_bits / --budget_bytes allocate the linear layers of a model in memory: "
+                         "drop --export, --quantize_embeddings and --device_map")
+    if any(g < 0 for g in args.mp_groups):
+        raise UsageError(f"--mp_groups must be >= 0, got {args.mp_groups}")
+    cands = candidates(args)
     try:  # every configuration's recipe, checked now: a setting that cannot work fails before any weights load
-        recipes = [recipe_for(method, alpha, w_bits, act, observer, args)
+        # (recipe, budget): a mixed-precision entry holds its template (the method, at each candidate scheme once)
+        plan = [(recipe_for(method, alpha, w_bits, act, observer, args), None)
                 for method, alpha in variants(args.method, args) for w_bits, act, observer in configurations(args)
-                if not (method == "smoothquant" and act == "none")]  # smoothing only helps quantized activations
+                if not (method == "smoothquant" and act == "none")  # smoothing only helps quantized activations
+                and not (budgets and act == "none")]  # budgets replace the uniform weight-only rows
+        for method, alpha in variants(args.method, args):
+            if budgets and method != "smoothquant":
+                template = recipe_for(method, alpha, 4, "none", "", args)
+                for c in cands:
+                    dataclasses.replace(template, weight=c)
+                plan += [(template, b) for b in budgets]
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if budgets:
+        check_writable(args.models_dir, "--models_dir")
     tok = load_tokenizer(args.model_name, args.gguf_file)
     windows = eval_windows(tokenize(tok, test_text), args.seq_len, args.eval_samples)
     calib_ids = tokenize(tok, calib_text)
@@ -293,7 +367,7 @@ def main(argv=None):
         problem = gguf_tokenizer_problem(tok)
         if problem:
             raise UsageError(f"--export gguf: {problem}")
-    for recipe in recipes:  # an export that cannot be written fails now, not after hours of quantizing
+    for recipe, _ in plan:  # an export that cannot be written fails now, not after hours of quantizing
         for fmt in args.export:
             problem = export_problem(model, fmt, recipe)
             if problem:
@@ -326,10 +400,49 @@ def main(argv=None):
                     ln_ppl_ratio=0.0, ln_ppl_ratio_ci_low=0.0, ln_ppl_ratio_ci_high=0.0, seed=seeds[0]))
         print(f"FP32 perplexity {fp32_ppl:.3f}  ({fp32_size} bytes)")
 
+    sensitivities = {}  # (seed, weight observer): {layer: [KL per candidate]}
+
+    def sensitivity_of(seed, w_observer):  # measured once, kept in models_dir: reused only for the same settings
+        if (seed, w_observer) in sensitivities:
+            return sensitivities[seed, w_observer], 0.0
+        from quant.mixed import layer_costs, sensitivity
+        made_by = dict(model=args.model_name, candidates=[c.to_dict() for c in cands], w_observer=w_observer,
+                       skip=["lm_head"], samples=args.mp_samples, calib_samples=args.calib_samples, calib_split=calib_split,
+                       seq_len=args.seq_len, seed=seed, dtype=args.dtype)
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(args.model_name.rstrip('/'))).strip("_")
+        path = os.path.join(args.models_dir, "sensitivity", f"{stem}_{settings_id(made_by)}.json")
+        kept = json.load(open(path)) if os.path.exists(path) else None
+        if kept is not None and kept.get("made_by") == made_by:
+            print(f"kept {path}: layer sensitivities made by the same model, candidates and calibration")
+            sens, seconds = kept["kl"], 0.0
+        else:
+            t_s = time.time()
+            sens = sensitivity(model, cands, calibs[seed][: args.mp_samples].split(args.batch_size), w_observer=w_observer,
+                               progress=progress)
+            with atomic_path(path) as tmp, open(tmp, "w") as f:
+                json.dump({"made_by": made_by, "kl": sens}, f)
+            costs = layer_costs(model, cands, list(sens))
+            append_rows(os.path.join(args.results_dir, "sensitivity.csv"), [
+                dict(timestamp=timestamp(), model=args.model_name, layer=n, index=i, candidate=c.describe(), bits=c.bits,
+                     group_size=c.group_size, kl=kl, bytes=int(costs[i, j]), samples=args.mp_samples,
+                     seq_len=args.seq_len, seed=seed, w_observer=w_observer, calib_split=calib_split,
+                     seconds=round(time.time() - t_s, 2), code=code_version(), device=device)
+                for i, (n, row) in enumerate(sens.items()) for j, (c, kl) in enumerate(zip(cands, row))])
+            seconds = round(time.time() - t_s, 2)
+            print(f"layer sensitivities of {len(sens)} layers x {len(cands)} schemes on {args.mp_samples} windows "
+                  f"({seconds:.1f}s): {path}")
+        sensitivities[seed, w_observer] = sens
+        return sens, seconds
+
     # every seed draws its own calibration windows; a recipe that reads none gives one row, not N equal ones
-    for seed, recipe in [(seed, r) for seed in seeds for r in recipes if seed == seeds[0] or r.needs_calibration]:
-        method, w_bits, act = recipe.method, recipe.weight.bits, recipe.act
+    for seed, recipe, budget in [(seed, r, b) for seed in seeds for r, b in plan
+                                 if seed == seeds[0] or r.needs_calibration or b is not None]:
+        sens_seconds = None
+        if budget is not None:  # (the sensitivities are measured once, for the first row that needs them: its own column)
+            sens, sens_seconds = sensitivity_of(seed, recipe.w_observer)
+            recipe = mixed_recipe(recipe, cands, sens, model, budget, fp32_size)
         t0 = time.time()
+        method, w_bits, act = recipe.method, recipe.weight.bits, recipe.act
         if args.device_map:
             qmodel = load_model(args.model_name, device, dtype, args.gguf_file, args.device_map)
         else:
@@ -340,20 +453,26 @@ def main(argv=None):
             raise UsageError(f"{args.model_name}: {e}") from None
         w_scheme = recipe.weight
         schemes = {n: m.weight_quant.scheme for n, m in quant_modules(qmodel).items()}
-        fallback = [n for n, sch in schemes.items() if sch.granularity != w_scheme.granularity]
+        fallback = [n for n, sch in schemes.items() if sch.granularity != w_scheme.granularity and budget is None]
         notes = f"per-channel for {len(fallback)} layers with inputs < group {args.group_size}" if fallback else ""
         t_quant = time.time() - t0
         q_eval = evaluate(qmodel, windows, args.batch_size, device, progress, desc=f"eval {method} W{w_bits} {act}",
                           reference=fp32_eval["reference"] if fp32_eval else None)
         ppl = q_eval["perplexity"]
         size = quantized_size_bytes(qmodel)
-        label = recipe.describe()
+        if budget is not None and (size if budget[0] == "bytes" else bits_per_weight(qmodel)) > budget[1]:
+            raise RuntimeError(f"the allocation for {budget_text(budget)} stores {size} bytes: a bug, please report it")
+        label = recipe.describe() if budget is None else f"{method} mixed, {budget_text(budget)}"
         row = dict(timestamp=timestamp(), method=method, w_bits=w_bits, a_bits=args.a_bits if act != "none" else 32,
                    act=act, observer=recipe.a_observer or "", w_observer=recipe.w_observer, granularity=w_scheme.granularity,
                    w_symmetric=w_scheme.symmetric, group_size=w_scheme.group_size, perplexity=ppl,
                    fp32_perplexity=fp32_ppl, size_bytes=size, quant_seconds=round(t_quant, 2),
                    seconds=round(time.time() - t0, 2), notes=notes, method_args=method_args(recipe),
-                   recipe=recipe.to_json(), recipe_id=recipe.id, **intervals(q_eval, fp32_eval), seed=seed)
+                   recipe=recipe.to_json(), recipe_id=recipe.id, **intervals(q_eval, fp32_eval), seed=seed,
+                   bits_per_weight=round(bits_per_weight(qmodel), 4))
+        if budget is not None:
+            row.update(budget=budget_text(budget), mix=recipe.mix, mp_samples=args.mp_samples,
+                       sensitivity_seconds=sens_seconds)
         # artefacts are named by everything that made them: the same name is the same model, never another one
         made_by = dict(model=args.model_name, recipe_id=recipe.id, calib_samples=args.calib_samples,
                        calib_split=calib_split, seq_len=args.seq_len, seed=seed, dtype=args.dtype)

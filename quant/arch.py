@@ -37,6 +37,13 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"cannot find the decoder blocks of a {type(model).__name__}")
 
 
+def block_prefix(model: nn.Module) -> str:
+    """The name prefix of the decoder blocks ("model.layers." for Llama): block i's modules are
+    named prefix + f"{i}." + their name inside the block."""
+    blocks = decoder_blocks(model)
+    return next(n for n, m in model.named_modules() if m is blocks) + "."
+
+
 # (producer, consumers) of known decoder blocks; names relative to the block
 MAPPINGS = [
     # Llama, Mistral, Qwen2, SmolLM

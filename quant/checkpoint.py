@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from .arch import is_linear
 from .modules import QuantEmbedding, Quantizer, QuantLinear, quant_modules, replace_module
-from .packing import pack, unpack
+from .packing import pack, packed_nbytes, unpack
 from .scheme import QScheme
 
 FORMAT = "quant-workbench/1"
@@ -77,6 +77,28 @@ def export_tensors(model: torch.nn.Module):
 def quantized_size_bytes(model: torch.nn.Module) -> int:
     tensors, _ = export_tensors(model)
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def layer_nbytes(out_features: int, in_features: int, scheme: QScheme, fractional: bool = False) -> int:
+    """Bytes that export_tensors writes for one quantized weight of this shape and scheme: its
+    packed codes (partial groups padded), float32 scales and, when asymmetric, zero points (uint8,
+    or float16 for fractional ones). What the mixed-precision allocator counts before building anything."""
+    if scheme.granularity == "group":
+        n_groups = -(-in_features // scheme.group_size)
+        codes, params = out_features * n_groups * scheme.group_size, out_features * n_groups
+    else:
+        codes, params = out_features * in_features, 1 if scheme.granularity == "tensor" else (
+            out_features if scheme.axis in (0, -2) else in_features)
+    return packed_nbytes(codes, scheme.bits) + 4 * params + (0 if scheme.symmetric else (2 if fractional else 1) * params)
+
+
+def bits_per_weight(model: torch.nn.Module) -> float:
+    """Average stored bits per weight of the quantized layers (scales and zero points counted)."""
+    mods = quant_modules(model).values()
+    if not mods:
+        return float("nan")
+    total = sum(layer_nbytes(m.out_features, m.in_features, m.weight_quant.scheme, m.weight_quant.fractional) for m in mods)
+    return 8 * total / sum(m.out_features * m.in_features for m in mods)
 
 
 def float_size_bytes(model: torch.nn.Module) -> int:

@@ -198,13 +198,15 @@ def _matches(name: str, patterns) -> bool:
 
 
 def quantize_linears(model: nn.Module, w_scheme: QScheme, a_scheme: QScheme | None = None, *,
-                     include=("*",), skip=(), group_fallback: bool = False, embeddings: bool = False, **kwargs) -> dict:
+                     include=("*",), skip=(), group_fallback: bool = False, embeddings: bool = False,
+                     overrides: dict | None = None, **kwargs) -> dict:
     """Swap every nn.Linear / Conv1D whose name matches `include` and no `skip` pattern (fnmatch
     globs, e.g. "lm_head" or "*.mlp.*") for a QuantLinear, in place; with embeddings=True, every
     matching nn.Embedding too (weight-only: a_scheme does not apply to token ids).
 
     With group_fallback, a layer whose input dimension is smaller than the group size gets
-    per-channel quantization instead of an error. Returns {name: weight scheme used}.
+    per-channel quantization instead of an error. `overrides` ({name: QScheme}) gives a layer
+    its own weight scheme instead of w_scheme. Returns {name: weight scheme used}.
     """
     swapped = {}
     kinds = (nn.Linear, nn.Embedding) if embeddings else (nn.Linear,)
@@ -212,7 +214,8 @@ def quantize_linears(model: nn.Module, w_scheme: QScheme, a_scheme: QScheme | No
                if n and (isinstance(m, kinds) or is_linear(m)) and _matches(n, include) and not _matches(n, skip)]
     for name, module in targets:
         in_features = module.weight.shape[1] if isinstance(module, nn.Embedding) else in_out(module)[0]
-        scheme = layer_scheme(w_scheme, in_features) if group_fallback else w_scheme
+        scheme = (overrides or {}).get(name, w_scheme)
+        scheme = layer_scheme(scheme, in_features) if group_fallback else scheme
         if isinstance(module, nn.Embedding):
             qmodule = QuantEmbedding(module.weight, scheme, module.padding_idx, **kwargs)
         else:

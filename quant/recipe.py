@@ -67,6 +67,8 @@ class Recipe:
     skip         fnmatch globs of layers left in float; embeddings: quantize embedding tables
                  and lm_head too (weight-only); group_fallback: layers narrower than the group
                  get per-channel weights instead of an error
+    layer_weights  {layer name: QScheme}: that layer's weight scheme instead of `weight` (mixed
+                 precision: quant.mixed chooses them); every named layer must be quantized
     """
     weight: QScheme
     method: str = "rtn"
@@ -79,6 +81,7 @@ class Recipe:
     skip: tuple = ("lm_head",)
     embeddings: bool = False
     group_fallback: bool = True
+    layer_weights: tuple = ()  # ((name, QScheme), ...) sorted by name; given as a dict or pairs
     version: int = field(default=1, repr=False)  # of this description; bump when a field's meaning changes
 
     def __post_init__(self):
@@ -130,9 +133,25 @@ class Recipe:
         if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
             raise ValueError(f"skip must be a sequence of layer-name globs, got {self.skip!r}")
         put("skip", tuple(self.skip))
+        pairs = self.layer_weights.items() if isinstance(self.layer_weights, dict) else self.layer_weights
+        pairs = tuple(sorted((n, QScheme(**sch) if isinstance(sch, dict) else sch) for n, sch in pairs))
+        for name, sch in pairs:
+            if not isinstance(name, str) or not isinstance(sch, QScheme) or sch.dynamic:
+                raise ValueError(f"layer_weights maps layer names to static weight QSchemes, got {name!r}: {sch!r}")
+            if self.method == "hqq" and sch.symmetric:
+                raise ValueError(f"hqq optimises each group's zero point: layer {name} has a symmetric scheme")
+        if len({n for n, _ in pairs}) != len(pairs):
+            raise ValueError("layer_weights names a layer twice")
+        put("layer_weights", pairs)
         for flag in ("embeddings", "group_fallback"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+
+    def scheme_of(self, name: str, in_features: int) -> QScheme:
+        """The weight scheme of one layer (full name in the model): its own, or `weight`."""
+        own = dict(self.layer_weights).get(name)
+        scheme = own or self.weight
+        return layer_scheme(scheme, in_features) if self.group_fallback else scheme
 
     @property
     def args(self) -> dict:
@@ -150,12 +169,15 @@ class Recipe:
     def to_dict(self) -> dict:
         later = LATER_ARGS.get(self.method, {})
         method_args = {k: v for k, v in self.method_args if not (k in later and v == later[k])}
-        return {"version": self.version, "method": self.method, "method_args": method_args,
-                "weight": self.weight.to_dict(), "w_observer": self.w_observer,
-                "w_observer_args": dict(self.w_observer_args),
-                "activation": None if self.activation is None else self.activation.to_dict(),
-                "a_observer": self.a_observer, "a_observer_args": dict(self.a_observer_args),
-                "skip": list(self.skip), "embeddings": self.embeddings, "group_fallback": self.group_fallback}
+        d = {"version": self.version, "method": self.method, "method_args": method_args,
+             "weight": self.weight.to_dict(), "w_observer": self.w_observer,
+             "w_observer_args": dict(self.w_observer_args),
+             "activation": None if self.activation is None else self.activation.to_dict(),
+             "a_observer": self.a_observer, "a_observer_args": dict(self.a_observer_args),
+             "skip": list(self.skip), "embeddings": self.embeddings, "group_fallback": self.group_fallback}
+        if self.layer_weights:  # (added after ids existed: absent when empty, so earlier ids stand)
+            d["layer_weights"] = {n: sch.to_dict() for n, sch in self.layer_weights}
+        return d
 
     def to_json(self) -> str:
         """Canonical JSON: sorted keys, no spaces; the same text in every process and machine."""
@@ -166,6 +188,7 @@ class Recipe:
         d = dict(d)
         return cls(weight=QScheme(**d.pop("weight")),
                    activation=None if d.get("activation") is None else QScheme(**d.pop("activation")),
+                   layer_weights={n: QScheme(**sch) for n, sch in d.pop("layer_weights", {}).items()},
                    **{k: (tuple(v) if k == "skip" else v) for k, v in d.items() if k != "activation"})
 
     @classmethod
@@ -176,6 +199,14 @@ class Recipe:
     def id(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
 
+    @property
+    def mix(self) -> str:
+        """How many layers have each scheme of layer_weights, e.g. "int3 asym g128 x150, int4 asym g64 x60"."""
+        counts = {}
+        for _, sch in self.layer_weights:
+            counts[sch.describe()] = counts.get(sch.describe(), 0) + 1
+        return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
+
     def describe(self) -> str:
         a = self.activation
         w = f"W{self.weight.bits}" + (f"A{a.bits} {self.act}" if a is not None else "")
@@ -184,6 +215,9 @@ class Recipe:
             extra.append(f"w_observer={self.w_observer}")
         if self.a_observer:
             extra.append(self.a_observer)
+        if self.layer_weights:
+            act = f" A{a.bits} {self.act}" if a is not None else ""
+            return f"{self.method} mixed{act} [{self.mix}]" + (f" ({', '.join(extra)})" if extra else "")
         return f"{self.method} {w} {self.weight.describe()}" + (f" ({', '.join(extra)})" if extra else "")
 
 
@@ -213,6 +247,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib=None, progress: bool 
         qat, hqq = recipe.method == "qat", recipe.method == "hqq"
         swapped = quantize_linears(model, recipe.weight, recipe.activation, skip=() if recipe.embeddings else recipe.skip,
                                    group_fallback=recipe.group_fallback, embeddings=recipe.embeddings and not qat,
+                                   overrides=dict(recipe.layer_weights),
                                    w_observer=recipe.w_observer, qat=qat, learnable=qat and recipe.args["mode"] == "lsq",
                                    fit_weight=not hqq, **w_kw)
         if hqq:
@@ -222,19 +257,20 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib=None, progress: bool 
         if static:
             calibrate(model, batches, observer=recipe.a_observer, forward=lambda m, b: m(b.to(device)),
                       desc=f"calibrate {recipe.a_observer}", progress=progress, **a_kw)
-        _check_swapped(model)
+        _check_swapped(model, recipe)
         return model
 
-    from .arch import weight_matrix
+    from .arch import block_prefix, weight_matrix
     from .gptq import gptq_block
     from .signround import signround_block
     from .smoothing import awq_block, smooth_block
     args = recipe.args
-
-    def scheme_for(name, module):
-        return layer_scheme(recipe.weight, weight_matrix(module).shape[1])
+    prefix = block_prefix(model)
 
     def process(index, block, inputs, float_inputs=None, float_outputs=None):
+        def scheme_for(name, module):  # (names inside the block)
+            return recipe.scheme_of(f"{prefix}{index}.{name}", weight_matrix(module).shape[1])
+
         if recipe.method == "signround":
             signround_block(block, inputs, float_outputs, scheme_for, recipe.activation, iters=args["iters"],
                             minmax=args["minmax"], seed=index)
@@ -246,8 +282,9 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib=None, progress: bool 
             awq_block(block, inputs, scheme_for, recipe.activation, n_grid=args["grid"], max_rows=args["tokens"])
         else:  # smoothquant: fold the smoothing scales, then round to nearest
             smooth_block(block, inputs, args["alpha"])
+            own = {n[len(f"{prefix}{index}."):]: sch for n, sch in recipe.layer_weights if n.startswith(f"{prefix}{index}.")}
             quantize_linears(block, recipe.weight, recipe.activation, group_fallback=recipe.group_fallback,
-                             w_observer=recipe.w_observer, **w_kw)
+                             w_observer=recipe.w_observer, overrides=own, **w_kw)
         if static:  # static scales from this block's real inputs
             calibrate(block, inputs, observer=recipe.a_observer, forward=lambda m, inp: run_block(m, *inp),
                       progress=False, **a_kw)
@@ -260,11 +297,15 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib=None, progress: bool 
                         float_chain=recipe.method == "signround" or (recipe.method == "gptq" and args["gptaq"]))
     if recipe.embeddings:  # lm_head and embeddings: round to nearest, weight-only
         quantize_linears(model, recipe.weight, None, group_fallback=recipe.group_fallback, embeddings=True,
-                         w_observer=recipe.w_observer, **w_kw)
-    _check_swapped(model)
+                         w_observer=recipe.w_observer, overrides=dict(recipe.layer_weights), **w_kw)
+    _check_swapped(model, recipe)
     return model
 
 
-def _check_swapped(model: nn.Module) -> None:
-    if not quant_modules(model):
+def _check_swapped(model: nn.Module, recipe: Recipe) -> None:
+    done = quant_modules(model)
+    if not done:
         raise ValueError("the recipe quantized no layer: the model has no nn.Linear / Conv1D outside `skip`")
+    missing = [n for n, _ in recipe.layer_weights if n not in done]
+    if missing:
+        raise ValueError(f"layer_weights names {len(missing)} layer(s) the recipe did not quantize, first {missing[0]!r}")
