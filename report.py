@@ -267,7 +267,8 @@ def llm_rows(df: pd.DataFrame) -> pd.DataFrame:
     """Latest row of each recipe per evaluation setting, with a readable setting, Δppl against the
     FP32 row of the same evaluation, and the rows in reading order."""
     df = df.copy()
-    for col, default in (("method_args", ""), ("w_symmetric", True), ("quant_seconds", None)):
+    for col, default in (("method_args", ""), ("w_symmetric", True), ("quant_seconds", None), ("budget", None),
+                         ("bits_per_weight", None), ("mix", "")):
         if col not in df.columns:
             df[col] = default
     df["method_args"] = df.method_args.fillna("")
@@ -282,7 +283,9 @@ def llm_rows(df: pd.DataFrame) -> pd.DataFrame:
     n, mean, sd = grp.transform("count"), grp.transform("mean"), grp.transform("std")
     df["over seeds"] = [f"{m:.2f} ± {s:.2f} ({k})" if k > 1 else "" for m, s, k in zip(mean, sd, n)]
     df = df.sort_values("seed", kind="stable").drop_duplicates(SETTING + ["recipe_id"])
-    df["setting"] = [("FP32" if r.method == "fp32" else f"W{int(r.w_bits)}" + (f"A{int(r.a_bits)} {r.act}" if r.act != "none" else "")
+    df["mixed"] = df.budget.notna()
+    df["setting"] = [("FP32" if r.method == "fp32" else f"mixed {r.bits_per_weight:.2f} bits" + ("" if r.w_symmetric else " asym")
+                      if r.mixed else f"W{int(r.w_bits)}" + (f"A{int(r.a_bits)} {r.act}" if r.act != "none" else "")
                       + (f" g{int(r.group_size)}" if r.granularity == "group" else (" per-channel" if r.method != "fp32" else ""))
                       + ("" if r.w_symmetric or r.method == "fp32" else " asym")
                       + (f" {r.observer}" if isinstance(r.observer, str) and r.observer else "")) for r in df.itertuples()]
@@ -292,7 +295,8 @@ def llm_rows(df: pd.DataFrame) -> pd.DataFrame:
            for r in df.itertuples()]
     df["Δppl"] = df.perplexity - pd.to_numeric(pd.Series(ref, index=df.index))
     df["algorithm"] = [m + (f" ({a})" if a and m != "rtn" else "") for m, a in zip(df.method, df.method_args)]
-    df["order"] = [(r.method != "fp32", r.act != "none", -r.w_bits, not r.w_symmetric, r.act, r.method != "rtn", r.method)
+    df["order"] = [(r.method != "fp32", r.act != "none", r.mixed, -(r.bits_per_weight if r.mixed else r.w_bits), not r.w_symmetric,
+                    r.act, r.method != "rtn", r.method)
                    for r in df.itertuples()]
     check_cells(df, SETTING + ["setting", "algorithm"], "ptq_llm")
     df["95% CI"], df["vs FP32"], df["vs RTN"] = significance(df)
@@ -327,7 +331,7 @@ def significance(df: pd.DataFrame):
 
 
 def llm_plot(g: pd.DataFrame, label: str, path: str) -> None:
-    wo = g[(g.method != "fp32") & (g.act == "none")].sort_values("w_bits")
+    wo = g[(g.method != "fp32") & (g.act == "none") & ~g.mixed].sort_values("w_bits")
     panels = [(sym, wo[wo.w_symmetric == sym]) for sym in (True, False) if (wo.w_symmetric == sym).any()]
     if not panels:
         return
@@ -359,6 +363,105 @@ def llm_plot(g: pd.DataFrame, label: str, path: str) -> None:
     plt.close(fig)
 
 
+def frontier_rows(g: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the evaluation setting of the latest mixed-precision row (none without one)."""
+    mixed = g[g.mixed]
+    if mixed.empty:
+        return mixed
+    last = mixed.sort_values("timestamp").iloc[-1]
+    return g[(g[SETTING] == last[SETTING]).all(axis=1)]
+
+
+def frontier_plot(g: pd.DataFrame, label: str, path: str) -> bool:
+    """Perplexity against checkpoint bytes for every weight-only row of one evaluation setting:
+    uniform grids as points labelled by their grid, mixed-precision budgets as lines, one colour per
+    method. False (and no plot) where the setting has no mixed-precision rows."""
+    wo = g[(g.method != "fp32") & (g.act == "none")]
+    if not wo.mixed.any():
+        return False
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    colors = {m: f"C{i}" for i, m in enumerate(wo.method.drop_duplicates())}
+    for method, m in wo.groupby("method", sort=False):
+        mixed, uniform = m[m.mixed].sort_values("size_bytes"), m[~m.mixed]
+        if len(mixed):
+            ax.plot(mixed["size MB"], mixed.perplexity, marker="s", color=colors[method], label=f"{method} mixed")
+        for r in uniform.itertuples():
+            ax.plot(r.size_bytes / 1e6, r.perplexity, marker="o", ls="", color=colors[method], alpha=0.6)
+            ax.annotate(r.setting.replace(" asym", ""), (r.size_bytes / 1e6, r.perplexity), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points", color=colors[method])
+        if len(uniform) and not len(mixed):
+            ax.plot([], [], marker="o", ls="", color=colors[method], label=method)
+    fp32 = g[g.method == "fp32"].perplexity
+    if len(fp32):
+        ax.axhline(fp32.iloc[-1], color="k", lw=0.8, ls=":", label=f"FP32 {fp32.iloc[-1]:.2f}")
+    values = list(wo.perplexity) + list(fp32)
+    if max(values) / min(values) > 5:
+        ax.set_yscale("log")
+        log_ticks(ax, values)
+    ax.set(xlabel="checkpoint size (MB: packed weights, scales, zero points and the float tensors)",
+           ylabel="WikiText-2 test perplexity (lower is better)",
+           title=f"{label}: quality against bytes (points: uniform grids; squares: mixed precision at a budget)")
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def sensitivity_plot(df: pd.DataFrame, out_dir: str) -> list:
+    """One plot per model of results/sensitivity.csv (its latest measurement): each layer's KL
+    divergence at each candidate scheme, layers in model order. Returns [(model label, file name)]."""
+    out = []
+    df = df.copy()
+    df["label"] = df.model.map(model_label)
+    for label, g in df.groupby("label", sort=False):
+        g = g[g.timestamp == g.timestamp.max()]
+        name = "sensitivity_" + re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_") + ".png"
+        fig, ax = plt.subplots(figsize=(11, 4))
+        for i, (cand, c) in enumerate(g.groupby("candidate", sort=False)):
+            c = c.sort_values("index")
+            ax.plot(c["index"], c.kl.clip(lower=1e-7), lw=0.9, color=f"C{i}", label=cand)
+        ax.set_yscale("log")
+        layers = g.drop_duplicates("index").sort_values("index")
+        block = layers.layer.str.extract(r"\.(\d+)\.", expand=False)
+        first = layers[block.ne(block.shift())]  # a tick at each decoder block's first layer
+        ax.set_xticks(list(first["index"]), list(block[first.index].fillna("")), fontsize=6)
+        ax.set(xlabel="decoder block (its layers in model order: q, k, v, o, gate, up, down for Llama)",
+               ylabel="KL(float || only this layer quantized) per token",
+               title=f"{label}: layer sensitivity, {int(g.samples.iloc[0])} calibration windows of {int(g.seq_len.iloc[0])} "
+                     f"(w_observer {g.w_observer.iloc[0]})")
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=5)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, name), dpi=120)
+        plt.close(fig)
+        out.append((label, name))
+    return out
+
+
+def mixed_sentence(g: pd.DataFrame) -> str | None:
+    """For each budget that several methods ran at: its best mixed-precision row against the best
+    uniform row of the smallest uniform grid (same symmetry) that stores at least as many bytes."""
+    wo = frontier_rows(g)
+    wo = wo[(wo.method != "fp32") & (wo.act == "none")]
+    mixed = wo[wo.mixed & (wo.groupby("budget").method.transform("nunique") > 1)]
+    parts = []
+    for r in mixed.sort_values("perplexity").drop_duplicates("budget").sort_values("size_bytes").itertuples():
+        rivals = wo[~wo.mixed & (wo.size_bytes >= r.size_bytes) & (wo.w_symmetric == r.w_symmetric)]
+        if rivals.empty:
+            continue  # (the grid of the smallest size: HQQ's float16 zero points make its rows 0.5 % larger)
+        best = rivals[rivals.size_bytes <= 1.01 * rivals.size_bytes.min()].sort_values("perplexity").iloc[0]
+        parts.append(f"at {r.size_bytes / 1e6:.1f} MB ({r.bits_per_weight:.2f} bits per weight) {r.method} mixed reaches "
+                     f"{r.perplexity:.2f}, where the best uniform grid of at least that size ({best.setting} {best.method}, "
+                     f"{best.size_bytes / 1e6:.1f} MB) reaches {best.perplexity:.2f}")
+    if not parts:
+        return None
+    return "Mixed precision (one scheme per layer from its measured sensitivity, within a byte budget): " + "; ".join(parts) + "."
+
+
 def llm_findings(g: pd.DataFrame) -> str:
     ppl = lambda **w: one(g, "perplexity", **w)  # noqa: E731
     d = lambda **w: one(g, "Δppl", **w)  # noqa: E731
@@ -379,6 +482,7 @@ def llm_findings(g: pd.DataFrame) -> str:
                  d(method="rtn", w_bits=4, act="none", w_symmetric=True), d(method="rtn", w_bits=4, act="none", w_symmetric=False),
                  d(method="rtn", w_bits=3, act="none", w_symmetric=True), d(method="rtn", w_bits=3, act="none", w_symmetric=False)),
         below_fp32_sentence(g),
+        mixed_sentence(g),
         sentence("On the asymmetric grid, GPTQ (act-order, true-sequential, MSE ranges) cuts RTN's W4 loss from {:.2f} to "
                  "{:.2f} and its W3 loss from {:.1f} to {:.1f}; AWQ reaches {:.2f} at W4 and {:.1f} at W3.",
                  d(method="rtn", w_bits=4, act="none", w_symmetric=False), d(w_bits=4, **gptq_mse),
@@ -433,7 +537,14 @@ def ptq_llm(df, out_dir):
                          f"{', '.join(map(str, seeds))}{spread}; total time = "
                          f"quantize + calibrate + evaluate on the row's device.\n\n" + md(t))
         findings = llm_findings(g)
-        parts.append((findings + "\n\n" if findings else "") + f"![{label}](../results/ptq_llm_{name}.png)")
+        frontier = frontier_plot(frontier_rows(g), label, os.path.join(out_dir, f"frontier_{name}.png"))
+        parts.append((findings + "\n\n" if findings else "") + f"![{label}](../results/ptq_llm_{name}.png)"
+                     + (f"\n\n![{label} frontier](../results/frontier_{name}.png)" if frontier else ""))
+    path = os.path.join(out_dir, "sensitivity.csv")
+    if os.path.exists(path):
+        for label, file in sensitivity_plot(pd.read_csv(path), out_dir):
+            parts.append(f"Layer sensitivities of {label} (the mixed-precision allocations above start from them):\n\n"
+                         f"![{label} sensitivity](../results/{file})")
     return "\n\n".join(parts)
 
 
