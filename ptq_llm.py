@@ -226,25 +226,35 @@ def candidates(args) -> list[QScheme]:
 def mixed_recipe(template: Recipe, cands: list, sens: dict, model, budget: tuple, fp32_size: int) -> Recipe:
     """The template's method with one candidate scheme per layer, allocated within the budget:
     ("bits", average bits per quantized weight) or ("bytes", the whole checkpoint's bytes)."""
-    from quant.mixed import allocate, layer_costs
+    from quant.mixed import allocate
     names = list(sens)
-    costs = layer_costs(model, cands, names, fractional=template.method == "hqq")
+    costs, limit = budget_limit(template, cands, model, names, budget, fp32_size)
+    pick = allocate(costs, [sens[n] for n in names], limit)
     mods = dict(model.named_modules())
-    numel = sum(weight_matrix(mods[n]).numel() for n in names)
-    kind, value = budget
-    if kind == "bits":
-        limit = math.floor(value * numel / 8)
-    else:  # the checkpoint's other tensors (embeddings, norms, biases) are stored as they are
-        rest = fp32_size - sum(weight_matrix(mods[n]).numel() * weight_matrix(mods[n]).element_size() for n in names)
-        limit = int(value) - rest
-    try:
-        pick = allocate(costs, [sens[n] for n in names], limit)
-    except ValueError as e:
-        raise UsageError(f"--budget_{kind} {value}: {e}") from None
     # each layer's scheme as it applies (per-channel where the layer is narrower than the group)
     chosen = [layer_scheme(cands[i], weight_matrix(mods[n]).shape[1]) for n, i in zip(names, pick)]
     common = max(chosen, key=lambda c: (chosen.count(c), c.bits))  # the default scheme: the one most layers got
     return dataclasses.replace(template, weight=common, layer_weights=dict(zip(names, chosen)))
+
+
+def budget_limit(template: Recipe, cands: list, model, names: list, budget: tuple, fp32_size: int):
+    """(costs of each layer at each candidate, the bytes the layers may take); UsageError when even
+    the cheapest candidate everywhere does not fit."""
+    from quant.mixed import layer_costs
+    costs = layer_costs(model, cands, names, fractional=template.method == "hqq")
+    mods = dict(model.named_modules())
+    kind, value = budget
+    if kind == "bits":
+        limit = math.floor(value * sum(weight_matrix(mods[n]).numel() for n in names) / 8)
+    else:  # the checkpoint's other tensors (embeddings, norms, biases) are stored as they are
+        rest = fp32_size - sum(weight_matrix(mods[n]).numel() * weight_matrix(mods[n]).element_size() for n in names)
+        limit = int(value) - rest
+    if costs.min(1).sum() > limit:
+        least = int(costs.min(1).sum())
+        numel = sum(weight_matrix(mods[n]).numel() for n in names)
+        floor = f"{8 * least / numel:.4f} bits per weight" if kind == "bits" else f"{least + rest} bytes"
+        raise UsageError(f"--budget_{kind} {value:g}: below the cheapest allocation of the candidates ({floor})")
+    return costs, limit
 
 
 def budget_text(budget: tuple) -> str:
@@ -378,6 +388,10 @@ def main(argv=None):
           f"({time.time() - t_load:.1f}s)")
     fp32_size = float_size_bytes(model)
     progress = not args.no_progress
+    from quant.mixed import target_layers
+    for template, budget in plan:  # a budget that nothing fits fails now, before any row is written
+        if budget is not None:
+            budget_limit(template, cands, model, list(target_layers(model)), budget, fp32_size)
     base = dict(experiment=EXPERIMENT, model=args.model_name, calib_samples=args.calib_samples, calib_split=calib_split,
                 seq_len=args.seq_len, eval_tokens=eval_tokens, fp32_size_bytes=fp32_size, code=code_version(),
                 device=device, dtype=args.dtype, quantize_embeddings=args.quantize_embeddings, **environment(device))

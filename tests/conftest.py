@@ -19,3 +19,15 @@ def _offline(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     for var in ("QUANT_DATA_DIR", "QUANT_SHARED_DIR", "QUANT_MODELS_DIR"):
         monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory):
+    """A randomly initialised 2-block GPT-2 (the Conv1D path) with the real GPT-2 tokenizer, saved as a folder."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(os.path.join(DATA, "gpt2-tokenizer")).save_pretrained(folder)
+    return str(folder)

@@ -16,17 +16,6 @@ from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
-def tiny_gpt2(tmp_path_factory):
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257))
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(os.path.join(DATA, "gpt2-tokenizer")).save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
 def stories():
     return os.path.join(DATA, "stories260K")
 
