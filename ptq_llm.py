@@ -16,6 +16,9 @@ scales (from the --observers) or dynamic per-token activations. Each runs with e
   hqq          HQQ: each group's zero point optimised as a float, no calibration data; --w_asym only
   signround    SignRound (AutoRound): rounding offsets and range factors learned per block by signed
                gradient descent against the float model's block outputs (--signround_iters steps)
+With --budget_bits / --budget_bytes the weight-only rows are mixed precision instead: each layer's
+sensitivity to each candidate scheme is measured once (KL divergence from the float model with only
+that layer quantized), and each budget gets the scheme per layer that minds least in total.
 The block-by-block methods calibrate each decoder block on the outputs of the already-quantized
 blocks before it (peak memory: one block plus one layer's calibration activations).
 With --export, each quantized model is also written as a compressed-tensors folder and / or a
