@@ -423,8 +423,9 @@ def main(argv=None):
         if (seed, w_observer) in sensitivities:
             return sensitivities[seed, w_observer], 0.0
         from quant.mixed import layer_costs, sensitivity
+        samples = min(args.mp_samples, args.calib_samples)  # (the first calibration windows)
         made_by = dict(model=args.model_name, candidates=[c.to_dict() for c in cands], w_observer=w_observer,
-                       skip=["lm_head"], samples=args.mp_samples, calib_samples=args.calib_samples, calib_split=calib_split,
+                       skip=["lm_head"], samples=samples, calib_samples=args.calib_samples, calib_split=calib_split,
                        seq_len=args.seq_len, seed=seed, dtype=args.dtype)
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(args.model_name.rstrip('/'))).strip("_")
         path = os.path.join(args.models_dir, "sensitivity", f"{stem}_{settings_id(made_by)}.json")
@@ -434,19 +435,19 @@ def main(argv=None):
             sens, seconds = kept["kl"], 0.0
         else:
             t_s = time.time()
-            sens = sensitivity(model, cands, calibs[seed][: args.mp_samples].split(args.batch_size), w_observer=w_observer,
+            sens = sensitivity(model, cands, calibs[seed][:samples].split(args.batch_size), w_observer=w_observer,
                                progress=progress)
             with atomic_path(path) as tmp, open(tmp, "w") as f:
                 json.dump({"made_by": made_by, "kl": sens}, f)
             costs = layer_costs(model, cands, list(sens))
             append_rows(os.path.join(args.results_dir, "sensitivity.csv"), [
                 dict(timestamp=timestamp(), model=args.model_name, layer=n, index=i, candidate=c.describe(), bits=c.bits,
-                     group_size=c.group_size, kl=kl, bytes=int(costs[i, j]), samples=args.mp_samples,
+                     group_size=c.group_size, kl=kl, bytes=int(costs[i, j]), samples=samples,
                      seq_len=args.seq_len, seed=seed, w_observer=w_observer, calib_split=calib_split,
                      seconds=round(time.time() - t_s, 2), code=code_version(), device=device)
                 for i, (n, row) in enumerate(sens.items()) for j, (c, kl) in enumerate(zip(cands, row))])
             seconds = round(time.time() - t_s, 2)
-            print(f"layer sensitivities of {len(sens)} layers x {len(cands)} schemes on {args.mp_samples} windows "
+            print(f"layer sensitivities of {len(sens)} layers x {len(cands)} schemes on {samples} windows "
                   f"({seconds:.1f}s): {path}")
         sensitivities[seed, w_observer] = sens
         return sens, seconds
@@ -488,7 +489,7 @@ def main(argv=None):
                    recipe=recipe.to_json(), recipe_id=recipe.id, **intervals(q_eval, fp32_eval), seed=seed,
                    bits_per_weight=round(bits_per_weight(qmodel), 4))
         if budget is not None:
-            row.update(budget=budget_text(budget), mix=recipe.mix, mp_samples=args.mp_samples,
+            row.update(budget=budget_text(budget), mix=recipe.mix, mp_samples=min(args.mp_samples, args.calib_samples),
                        sensitivity_seconds=sens_seconds)
         # artefacts are named by everything that made them: the same name is the same model, never another one
         made_by = dict(model=args.model_name, recipe_id=recipe.id, calib_samples=args.calib_samples,

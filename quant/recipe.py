@@ -134,7 +134,7 @@ class Recipe:
             raise ValueError(f"skip must be a sequence of layer-name globs, got {self.skip!r}")
         put("skip", tuple(self.skip))
         pairs = self.layer_weights.items() if isinstance(self.layer_weights, dict) else self.layer_weights
-        pairs = tuple(sorted((n, QScheme(**sch) if isinstance(sch, dict) else sch) for n, sch in pairs))
+        pairs = tuple(sorted(((n, QScheme(**sch) if isinstance(sch, dict) else sch) for n, sch in pairs), key=lambda p: str(p[0])))
         for name, sch in pairs:
             if not isinstance(name, str) or not isinstance(sch, QScheme) or sch.dynamic:
                 raise ValueError(f"layer_weights maps layer names to static weight QSchemes, got {name!r}: {sch!r}")
