@@ -245,10 +245,14 @@ def rebuilt_recipe(r) -> Recipe:
 
 
 def recipe_ids(df: pd.DataFrame) -> pd.Series:
-    """Each row's recipe id: its own, or rebuilt from its columns for rows older than recipes."""
+    """Each row's recipe id: that of its recipe JSON read by today's Recipe (which normalises
+    arguments that mean nothing, so that two rows of the same recipe share an id), its own id, or
+    rebuilt from its columns for rows older than recipes."""
     own = df["recipe_id"] if "recipe_id" in df.columns else pd.Series(index=df.index, dtype=object)
-    return pd.Series([i if isinstance(i, str) and i else "fp32" if r.method == "fp32" else rebuilt_recipe(r).id
-                      for i, r in zip(own, df.itertuples())], index=df.index)
+    text = df["recipe"] if "recipe" in df.columns else pd.Series(index=df.index, dtype=object)
+    return pd.Series([Recipe.from_json(t).id if isinstance(t, str) and t.startswith("{")
+                      else i if isinstance(i, str) and i else "fp32" if r.method == "fp32" else rebuilt_recipe(r).id
+                      for t, i, r in zip(text, own, df.itertuples())], index=df.index)
 
 
 SETTING = ["label", "seq_len", "eval_tokens", "calib_split", "calib_samples"]  # one table each; seeds within it
@@ -462,7 +466,17 @@ def mixed_sentence(g: pd.DataFrame) -> str | None:
     return "Mixed precision (one scheme per layer from its measured sensitivity, within a byte budget): " + "; ".join(parts) + "."
 
 
+def main_setting(g: pd.DataFrame) -> pd.DataFrame:
+    """The rows of one evaluation setting: the one with the most rows (the findings and the
+    headline read one table, never a latest row from another one)."""
+    main = g.groupby(SETTING, dropna=False).size().idxmax()
+    return g[(g[SETTING] == pd.Series(main, index=SETTING)).all(axis=1)]
+
+
 def llm_findings(g: pd.DataFrame) -> str:
+    mixed = mixed_sentence(g)
+    g = main_setting(g)
+    g = g[~g.mixed & ~g.method_args.str.contains("gptaq")]  # the uniform grids and the algorithms' plain forms
     ppl = lambda **w: one(g, "perplexity", **w)  # noqa: E731
     d = lambda **w: one(g, "Δppl", **w)  # noqa: E731
     fp32 = ppl(method="fp32")
@@ -482,7 +496,7 @@ def llm_findings(g: pd.DataFrame) -> str:
                  d(method="rtn", w_bits=4, act="none", w_symmetric=True), d(method="rtn", w_bits=4, act="none", w_symmetric=False),
                  d(method="rtn", w_bits=3, act="none", w_symmetric=True), d(method="rtn", w_bits=3, act="none", w_symmetric=False)),
         below_fp32_sentence(g),
-        mixed_sentence(g),
+        mixed,
         sentence("On the asymmetric grid, GPTQ (act-order, true-sequential, MSE ranges) cuts RTN's W4 loss from {:.2f} to "
                  "{:.2f} and its W3 loss from {:.1f} to {:.1f}; AWQ reaches {:.2f} at W4 and {:.1f} at W3.",
                  d(method="rtn", w_bits=4, act="none", w_symmetric=False), d(w_bits=4, **gptq_mse),
@@ -554,8 +568,11 @@ def headline(df: pd.DataFrame) -> str:
     g = g[g.label == HEADLINE_MODEL]
     if g.empty:
         return ""
-    keep = (g.method == "fp32") | ((g.act == "none") & (g.group_size == 128) & ~g.w_symmetric
-                                   & ((g.method != "gptq") | (g.w_observer == "mse"))) \
+    g = main_setting(g)
+    gptq_shown = (g.w_observer == "mse") & (~g.method_args.str.contains("gptaq") | g.method_args.str.contains("alpha=0.25"))
+    keep = (g.method == "fp32") | ((g.act == "none") & ~g.mixed & (g.group_size == 128) & ~g.w_symmetric
+                                   & ((g.method != "gptq") | gptq_shown)) \
+        | (g.mixed & (g.method == "signround")) \
         | ((g.act != "none") & ((g.method == "rtn") | (g.method_args == "alpha=0.9")))
     cols = [c for c in ["setting", "algorithm", "perplexity", "95% CI", "Δppl", "vs FP32", "vs RTN", "over seeds", "size MB"]
             if (g[keep][c] != "").any()]

@@ -94,6 +94,8 @@ class Recipe:
             raise ValueError(f"method must be one of {sorted(METHOD_ARGS)}, got {self.method!r}")
         put("method_args", _filled(f"{self.method}", dict(self.method_args), METHOD_ARGS[self.method]))
         a = dict(self.method_args)
+        if self.method == "gptq" and not a["gptaq"] and a["gptaq_alpha"] != 1.0:  # alpha means nothing without gptaq
+            put("method_args", _filled("gptq", {**a, "gptaq_alpha": 1.0}, METHOD_ARGS["gptq"]))
         bad = {"gptq": not 0 < a.get("gptaq_alpha", 1) <= 1,
                "hqq": a.get("iters", 0) < 0 or not 0 < a.get("lp_norm", 1) <= 1 or a.get("beta", 1) <= 0 or a.get("kappa", 1) < 1,
                "signround": a.get("iters", 0) < 0 or a.get("batch", 1) < 1}.get(self.method, False)

@@ -255,6 +255,12 @@ def test_gptaq_end_to_end_and_old_gptq_ids_unchanged(source, tmp_path):
     plain = Recipe(weight=QScheme(4, symmetric=False, granularity="group", group_size=128), method="gptq",
                    method_args={"act_order": True}, w_observer="mse")
     assert plain.id == "209bfa175762"  # its id from before the gptaq argument existed (rows and artefacts carry it)
+    # gptaq_alpha means nothing without gptaq: the same recipe, the same id, however it was given (ptq_llm's
+    # --gptaq_alpha default is 0.25, and gave plain GPTQ rows a second id until Recipe normalised it)
+    args = ptq_llm.build_parser().parse_args(["--w_asym", "--act_order", "--w_observer", "mse"])
+    assert ptq_llm.recipe_for("gptq", None, 4, "none", "", args).id == plain.id
+    assert Recipe(weight=plain.weight, method="gptq", method_args={"act_order": True, "gptaq_alpha": 0.25},
+                  w_observer="mse") == plain
     rows = ptq_llm.main(["--model_name", source, "--data_dir", DATA, "--results_dir", str(tmp_path), "--no_progress",
                          "--seq_len", "64", "--eval_samples", "8", "--calib_samples", "8", "--bits", "3", "--w_asym",
                          "--group_size", "32", "--act", "none", "--method", "gptq", "--skip_fp32"])
