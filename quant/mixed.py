@@ -39,14 +39,15 @@ def sensitivity(model: nn.Module, candidates: list[QScheme], batches, *, skip=("
                 group_fallback: bool = True, progress: bool = True, **observer_kwargs) -> dict:
     """{layer name: [mean per-token KL(float || only this layer at candidate c) for each candidate]}.
 
-    batches: model inputs (token-id tensors); the float model's log-probabilities of all of them are
+    model: a causal LM (Hugging Face: called as model(ids, use_cache=False).logits).
+    batches: token-id tensors; the float model's log-probabilities of all of them are
     kept for the comparison (tokens x vocabulary floats), so pass a few windows, not the whole set.
     Each layer's weight is replaced in place by its fake-quantized value and restored after."""
     device = next(model.parameters()).device
     batches = [b.to(device) for b in batches]
     if not batches:
         raise ValueError("sensitivity needs calibration batches")
-    refs = [model(b).logits.float().log_softmax(-1) for b in batches]
+    refs = [model(b, use_cache=False).logits.float().log_softmax(-1) for b in batches]
     tokens = sum(r.shape[:-1].numel() for r in refs)
     layers = target_layers(model, skip)
     out = {}
@@ -60,7 +61,7 @@ def sensitivity(model: nn.Module, candidates: list[QScheme], batches, *, skip=("
             q = Quantizer(scheme)
             q.fit(original, w_observer, **observer_kwargs)
             w.copy_(q(original))
-            row.append(float(sum(_kl(model(b).logits, r) for b, r in zip(batches, refs))) / tokens)
+            row.append(float(sum(_kl(model(b, use_cache=False).logits, r) for b, r in zip(batches, refs))) / tokens)
             bar.update()
         w.copy_(original)
         out[name] = row
