@@ -125,7 +125,10 @@ def test_readme_library_example_runs():
 
 # perplexities of stories260K (seq_len 64, 8 test windows, 8 calibration windows of the validation
 # split, seed 0; W4 g32 weight-only, W8A8 static) measured with ptq_llm.quantize, the script glue that quantize_model replaced (commit
-# 10cf603, this CI's environment): the entry point must compute the same thing
+# 10cf603, this CI's environment): the entry point must compute the same thing. Weight-only rows agree to 1e-6 on every
+# CPU code path; W8A8 static rows do not: 8-bit static activations turn the last-bit differences of another GEMM blocking
+# (another CPU, MKL_ENABLE_INSTRUCTIONS, ATEN_CPU_CAPABILITY) into changes of up to 1 % in this 512-token perplexity
+STATIC_REL = 1.5e-2
 BEFORE = {("rtn", "none"): 115.3647, ("rtn", "static"): 99.905, ("gptq", "none"): 107.114, ("gptq", "static"): 99.4265,
           ("awq", "none"): 106.0359, ("awq", "static"): 103.15, ("smoothquant", "static"): 99.3932}
 
@@ -136,7 +139,8 @@ def test_quantize_model_matches_the_glue_it_replaced(method, act, tmp_path):
     rows = ptq_llm.main(["--model_name", os.path.join(DATA, "stories260K"), "--results_dir", str(tmp_path), "--no_progress",
                          "--seq_len", "64", "--eval_samples", "8", "--calib_samples", "8", "--bits", "4",
                          "--group_size", "32", "--act", act, "--method", method, "--skip_fp32"])
-    assert len(rows) == 1 and rows[0]["perplexity"] == pytest.approx(BEFORE[(method, act)], rel=1e-3)
+    rel = STATIC_REL if act == "static" else 1e-4
+    assert len(rows) == 1 and rows[0]["perplexity"] == pytest.approx(BEFORE[(method, act)], rel=rel)
     assert rows[0]["recipe_id"] == Recipe.from_json(rows[0]["recipe"]).id
 
 
