@@ -9,7 +9,8 @@ Each run is a fresh process (`--worker`) that loads the float model onto the dev
 (timed alone: the quantize call, CUDA synchronized; loading and evaluation excluded) and scores
 it with this project's evaluation on the same test windows. Runs:
   ours           quantize_model, GPTQ act-order, true-sequential (each layer's Hessian from the
-                 inputs it gets with the layers before it in its block quantized), min-max / MSE ranges;
+                 inputs it gets with the layers before it in its block quantized), min-max / MSE ranges
+                 (squared error over clip ratios 0.05..1, or llm-compressor's |error|^2.4 over 0.81..1);
                  its block passes run on up to 16384 calibration tokens at once whatever --batch_size
                  (quant.recipe.GPTQ_PASS_TOKENS; peak_mib shows what that costs), and its column loop
                  as a Triton kernel on CUDA
@@ -30,11 +31,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-RUNS = {  # name -> (implementation, range choice)
-    "ours minmax": ("ours", "minmax"),
-    "ours mse": ("ours", "mse"),
-    "llm-compressor minmax": ("llm-compressor", "memoryless_minmax"),
-    "llm-compressor mse": ("llm-compressor", "memoryless_mse"),
+RUNS = {  # name -> (implementation, range choice, its arguments)
+    "ours minmax": ("ours", "minmax", {}),
+    "ours mse": ("ours", "mse", {}),
+    # llm-compressor's search: |error|^2.4 over the clip ratios 0.81..1
+    "ours mse norm2.4": ("ours", "mse", {"norm": 2.4, "min_ratio": 0.81}),
+    "llm-compressor minmax": ("llm-compressor", "memoryless_minmax", {}),
+    "llm-compressor mse": ("llm-compressor", "memoryless_mse", {}),
 }
 
 
@@ -47,7 +50,8 @@ def sync(device):
 def quantize_ours(model, calib, spec):
     from quant import QScheme, Recipe, quantize_model
     recipe = Recipe(weight=QScheme(spec["bits"], symmetric=False, granularity="group", group_size=spec["group_size"]),
-                    method="gptq", method_args={"act_order": True}, w_observer=spec["ranges"])
+                    method="gptq", method_args={"act_order": True}, w_observer=spec["ranges"],
+                    w_observer_args=spec["range_args"])
     quantize_model(model, recipe, calib.split(spec["batch_size"]), progress=False)
     return recipe.describe()
 
@@ -140,8 +144,8 @@ def main(argv=None):
         torch.save({"calib": calib, "test": test}, windows)
         for rep in range(args.repeats):
             for name in args.runs:
-                impl, ranges = RUNS[name]
-                spec = dict(impl=impl, ranges=ranges, model_name=folder, device=device, bits=args.bits,
+                impl, ranges, range_args = RUNS[name]
+                spec = dict(impl=impl, ranges=ranges, range_args=range_args, model_name=folder, device=device, bits=args.bits,
                             group_size=args.group_size, batch_size=args.batch_size, windows=windows)
                 python = sys.executable if impl == "ours" else args.peer_python
                 done = subprocess.run([python, os.path.abspath(__file__), "--worker", json.dumps(spec)],

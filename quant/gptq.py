@@ -72,15 +72,18 @@ def _column_kernel(W: torch.Tensor):
     return columns
 
 
-def _params(w: torch.Tensor, scheme: QScheme, mse: bool = False):
+def _params(w: torch.Tensor, scheme: QScheme, mse: bool | dict = False):
     """Per-row scale / zero point of a (rows, cols) slice for the scheme's bits and symmetry: over
-    the row's [min, max], or with `mse` over the shrunk range that minimizes the row's MSE."""
-    return row_qparams(w, scheme, _mse_best_ratio(w, None, scheme) if mse else 1.0)
+    the row's [min, max], or with `mse` (True, or the search's arguments: norm, min_ratio) over the
+    shrunk range that minimizes the row's error."""
+    if not mse:
+        return row_qparams(w, scheme, 1.0)
+    return row_qparams(w, scheme, _mse_best_ratio(w, None, scheme, **({} if mse is True else mse)))
 
 
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QScheme, block_size: int = 128,
-                  percdamp: float = 0.01, act_order: bool = False, mse: bool = False):
+                  percdamp: float = 0.01, act_order: bool = False, mse: bool | dict = False):
     """Quantize W (out, in) given H (in, in). Returns (Q, scale, zero_point), Q on the grid and
     the scales shaped as QScheme.param_shape of W's layout."""
     if scheme.granularity not in ("tensor", "channel", "group") or (scheme.granularity == "channel" and scheme.axis not in (0, -2)):

@@ -20,7 +20,7 @@ from .fake_quant import fake_quantize
 from .scheme import QScheme, check_finite, qparams_from_range
 
 HIST_BINS = 2048
-MSE_GRID = torch.linspace(0.05, 1.0, 96)  # clip ratios tried by the MSE search
+MSE_STEP = 0.01  # the MSE search tries the clip ratios min_ratio, min_ratio + 0.01, ..., 1
 
 
 class Observer:
@@ -135,16 +135,21 @@ class Histogram:
         return self.lo + (i + min(max(frac, 0.0), 1.0)) * self.width
 
 
-def _mse_best_ratio(values: torch.Tensor, weights: torch.Tensor | None, scheme: QScheme) -> torch.Tensor:
-    """For each row of `values`, the ratio a in MSE_GRID for which quantizing the row over
-    [a * min, a * max] gives the least (weighted) squared error (the first such a on ties).
-    Many ratios are tried in one pass (a leading ratio dimension: a few launches instead of a
+def mse_grid(min_ratio: float = 0.05) -> torch.Tensor:
+    return torch.linspace(min_ratio, 1.0, round((1.0 - min_ratio) / MSE_STEP) + 1)
+
+
+def _mse_best_ratio(values: torch.Tensor, weights: torch.Tensor | None, scheme: QScheme,
+                    norm: float = 2.0, min_ratio: float = 0.05) -> torch.Tensor:
+    """For each row of `values`, the ratio a in mse_grid(min_ratio) for which quantizing the row
+    over [a * min, a * max] gives the least (weighted) sum of |error|^norm (the first such a on
+    ties). Many ratios are tried in one pass (a leading ratio dimension: a few launches instead of a
     few per ratio, which is what a GPU needs); rows and ratios are chunked so that one pass
     holds at most 2^22 elements (2^26 on a GPU, where each pass's launches, not its arithmetic,
     are the cost)."""
     budget = 1 << (26 if values.is_cuda else 22)
     n_rows, n_cols = values.shape
-    grid = MSE_GRID.to(values.device)
+    grid = mse_grid(min_ratio).to(values.device)
     per_pass = max(1, budget // max(n_cols, 1))  # (ratio, row) pairs per pass
     n_a = min(len(grid), per_pass)
     chunk = max(1, per_pass // n_a)
@@ -158,7 +163,8 @@ def _mse_best_ratio(values: torch.Tensor, weights: torch.Tensor | None, scheme: 
         for a0 in range(0, len(grid), n_a):
             a = grid[a0:a0 + n_a].view(-1, 1, 1)
             scale, zp = qparams_from_range(a * mn, a * mx, scheme)  # (ratios, rows, 1)
-            err = (fake_quantize(v, scale, zp, scheme.qmin, scheme.qmax) - v).pow_(2)
+            err = fake_quantize(v, scale, zp, scheme.qmin, scheme.qmax) - v
+            err = err.pow_(2) if norm == 2 else err.abs_().pow_(norm)
             err = (err * w if w is not None else err).sum(-1)  # (ratios, rows)
             low, idx = err.min(0)  # first minimum on ties, as a strict < over the ratios in order
             better = low < best
@@ -218,15 +224,23 @@ class PercentileObserver(_HistogramObserver):
 
 
 class MSEObserver(_HistogramObserver):
-    """Searches a shrink ratio a of the observed range [min, max] minimizing quantization MSE."""
+    """Searches a shrink ratio a in [min_ratio, 1] of the observed range [min, max] minimizing the
+    quantization error's sum of |e|^norm (norm 2: the MSE; llm-compressor's search is norm 2.4
+    over ratios 0.81-1)."""
+
+    def __init__(self, scheme, norm: float = 2.0, min_ratio: float = 0.05):
+        super().__init__(scheme)
+        if not norm > 0 or not 0 < min_ratio <= 1:
+            raise ValueError(f"the mse observer needs norm > 0 and 0 < min_ratio <= 1, got norm={norm}, min_ratio={min_ratio}")
+        self.search = dict(norm=norm, min_ratio=min_ratio)
 
     def _hist_range(self):
         values = self.hist.centres().unsqueeze(0)
-        a = float(_mse_best_ratio(values, self.hist.counts.float().unsqueeze(0), self.scheme)[0])
+        a = float(_mse_best_ratio(values, self.hist.counts.float().unsqueeze(0), self.scheme, **self.search)[0])
         return a * float(self.min.min()), a * float(self.max.max())
 
     def _rows_range(self, rows):
-        a = _mse_best_ratio(rows, None, self.scheme)
+        a = _mse_best_ratio(rows, None, self.scheme, **self.search)
         return a * rows.amin(1), a * rows.amax(1)
 
 

@@ -32,11 +32,12 @@ METHOD_ARGS = {
 }
 # arguments added after recipes first carried ids: written into the JSON only when not at their
 # default, so that every recipe that existed before keeps its id (and its rows and artefacts)
-LATER_ARGS = {"gptq": {"gptaq": False, "gptaq_alpha": 1.0}}
+LATER_ARGS = {"gptq": {"gptaq": False, "gptaq_alpha": 1.0}, "mse": {"norm": 2.0, "min_ratio": 0.05}}
 GPTQ_PASS_TOKENS = 16384  # calibration tokens per block call in GPTQ (32 windows of 512: ~0.3 GB of fp32 attention)
 W_OBSERVERS = ("minmax", "mse", "percentile")
 A_OBSERVERS = ("minmax", "ema", "percentile", "mse", "entropy")
-OBSERVER_ARGS = {"percentile": {"percentile": 99.99}, "ema": {"averaging_constant": 0.01}}
+OBSERVER_ARGS = {"percentile": {"percentile": 99.99}, "ema": {"averaging_constant": 0.01},
+                 "mse": {"norm": 2.0, "min_ratio": 0.05}}  # |error|^norm over clip ratios min_ratio..1
 
 
 def _filled(kind: str, given: dict, defaults: dict) -> tuple:
@@ -130,6 +131,10 @@ class Recipe:
             raise ValueError("a_observer applies only to static (per-tensor) activation quantization")
         else:
             put("a_observer_args", ())
+        for args in (self.w_observer_args, self.a_observer_args):
+            m = dict(args)
+            if "min_ratio" in m and not (m["norm"] > 0 and 0 < m["min_ratio"] <= 1):
+                raise ValueError(f"the mse observer needs norm > 0 and 0 < min_ratio <= 1, got {m}")
         if self.method == "smoothquant" and self.activation is None:
             raise ValueError("smoothquant only helps quantized activations: give an activation scheme")
         if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
@@ -169,13 +174,14 @@ class Recipe:
         return "none" if self.activation is None else "dynamic" if self.activation.dynamic else "static"
 
     def to_dict(self) -> dict:
-        later = LATER_ARGS.get(self.method, {})
-        method_args = {k: v for k, v in self.method_args if not (k in later and v == later[k])}
-        d = {"version": self.version, "method": self.method, "method_args": method_args,
+        def written(name, args):  # (LATER_ARGS at their default are left out)
+            later = LATER_ARGS.get(name, {})
+            return {k: v for k, v in args if not (k in later and v == later[k])}
+        d = {"version": self.version, "method": self.method, "method_args": written(self.method, self.method_args),
              "weight": self.weight.to_dict(), "w_observer": self.w_observer,
-             "w_observer_args": dict(self.w_observer_args),
+             "w_observer_args": written(self.w_observer, self.w_observer_args),
              "activation": None if self.activation is None else self.activation.to_dict(),
-             "a_observer": self.a_observer, "a_observer_args": dict(self.a_observer_args),
+             "a_observer": self.a_observer, "a_observer_args": written(self.a_observer, self.a_observer_args),
              "skip": list(self.skip), "embeddings": self.embeddings, "group_fallback": self.group_fallback}
         if self.layer_weights:  # (added after ids existed: absent when empty, so earlier ids stand)
             d["layer_weights"] = {n: sch.to_dict() for n, sch in self.layer_weights}
@@ -214,7 +220,8 @@ class Recipe:
         w = f"W{self.weight.bits}" + (f"A{a.bits} {self.act}" if a is not None else "")
         extra = [f"{k}={v}" for k, v in sorted(self.to_dict()["method_args"].items())]
         if self.w_observer != "minmax":
-            extra.append(f"w_observer={self.w_observer}")
+            search = sorted(self.to_dict()["w_observer_args"].items())
+            extra.append(f"w_observer={self.w_observer}" + "".join(f" {k}={v}" for k, v in search))
         if self.a_observer:
             extra.append(self.a_observer)
         if self.layer_weights:
@@ -279,7 +286,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib=None, progress: bool 
         elif recipe.method == "gptq":
             gptq_block(block, inputs, scheme_for, recipe.activation, float_inputs=float_inputs, gptaq_alpha=args["gptaq_alpha"],
                        block_size=args["block_size"], percdamp=args["damp"], act_order=args["act_order"],
-                       mse=recipe.w_observer == "mse")
+                       mse=recipe.w_observer == "mse" and dict(recipe.w_observer_args))
         elif recipe.method == "awq":
             awq_block(block, inputs, scheme_for, recipe.activation, n_grid=args["grid"], max_rows=args["tokens"])
         else:  # smoothquant: fold the smoothing scales, then round to nearest

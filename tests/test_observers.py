@@ -154,11 +154,12 @@ def test_histogram_growth_keeps_mass_and_bounded_size():
 
 @pytest.mark.parametrize("bits,symmetric,weighted", [(4, False, False), (3, True, False), (8, False, True)])
 @pytest.mark.parametrize("cols", [1, 64, 50_000])  # the last forces ratio chunks of fewer than the whole grid
-def test_mse_search_equals_one_ratio_at_a_time(bits, symmetric, weighted, cols):
+@pytest.mark.parametrize("norm,min_ratio", [(2.0, 0.05), (2.4, 0.81)])
+def test_mse_search_equals_one_ratio_at_a_time(bits, symmetric, weighted, cols, norm, min_ratio):
     """The batched grid search picks what trying each ratio in turn with a strict < picks (the
     first of equal errors too: rows of one repeated value tie across many ratios)."""
     from quant.fake_quant import fake_quantize
-    from quant.observers import MSE_GRID, _mse_best_ratio
+    from quant.observers import _mse_best_ratio
     from quant.scheme import qparams_from_range
     g = torch.Generator().manual_seed(cols)
     v = torch.randn(5, cols, generator=g) * torch.tensor([[1.0], [10.0], [0.1], [1.0], [1.0]])
@@ -168,10 +169,13 @@ def test_mse_search_equals_one_ratio_at_a_time(bits, symmetric, weighted, cols):
     scheme = QScheme(bits, symmetric=symmetric)
     best, want = torch.full((5,), math.inf), torch.ones(5)
     mn, mx = v.amin(1, keepdim=True), v.amax(1, keepdim=True)
-    for a in MSE_GRID.tolist():
+    ratios = [min_ratio + k * 0.01 for k in range(round((1 - min_ratio) / 0.01) + 1)]
+    assert ratios[0] == min_ratio and abs(ratios[-1] - 1) < 1e-9
+    for a in torch.tensor(ratios).tolist():  # (float32 ratios, as the search's)
         s, z = qparams_from_range(a * mn, a * mx, scheme)
-        err = (fake_quantize(v, s, z, scheme.qmin, scheme.qmax) - v).pow(2)
+        err = (fake_quantize(v, s, z, scheme.qmin, scheme.qmax) - v).abs().pow(norm)
         err = (err * w if w is not None else err).sum(1)
         want = torch.where(err < best, a, want)
         best = torch.minimum(err, best)
-    assert torch.equal(_mse_best_ratio(v, w, scheme), want)
+    got = _mse_best_ratio(v, w, scheme, **({} if norm == 2.0 and min_ratio == 0.05 else dict(norm=norm, min_ratio=min_ratio)))
+    assert torch.allclose(got, want, atol=1e-6)
