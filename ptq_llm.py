@@ -73,6 +73,7 @@ from quant.arch import weight_matrix
 from quant.checkpoint import atomic_path, bits_per_weight
 from quant.export import FORMATS as EXPORT_FORMATS
 from quant.export import export_problem, gguf_tokenizer_problem, save_compressed_tensors, save_gguf
+from quant.formats import BLOCK, FORMATS
 from quant.modules import layer_scheme
 from results import Results, append_rows, code_version, environment, settings_id, timestamp
 from stats import bootstrap_mean, encode
@@ -95,6 +96,12 @@ def build_parser(prog=None):
     p.add_argument("--w_observer", choices=["minmax", "mse"], default="minmax",
                    help="weight observer, also GPTQ's scale search (AWQ runs its own clip search) (default: minmax)")
     p.add_argument("--w_asym", action="store_true", help="asymmetric (zero-point) weights instead of symmetric")
+    p.add_argument("--w_format", choices=list(FORMATS), default="int",
+                   help="weight number format: int, fp8 (E4M3 per channel; 8-bit rows), mxfp4 / nvfp4 (E2M1 in blocks "
+                        "of 32 / 16 with E8M0 / E4M3 scales; 4-bit rows, the block replaces --group_size) (default: int)")
+    p.add_argument("--a_format", choices=list(FORMATS), default="int",
+                   help="activation number format of the --act rows: int, fp8 (static per tensor or dynamic per token, "
+                        "--a_bits 8), mxfp4 / nvfp4 (dynamic, --a_bits 4) (default: int)")
     p.add_argument("--act", nargs="+", choices=["none", "static", "dynamic"], default=["none", "static", "dynamic"],
                    help="activation modes: none = weight-only at each --bits; static / dynamic = W{act_w_bits}A{a_bits} "
                         "(default: none static dynamic)")
@@ -161,16 +168,21 @@ def configurations(args):
     return out
 
 
-def weight_scheme(bits, group_size, symmetric=True):
+def weight_scheme(bits, group_size, symmetric=True, fmt="int"):
+    if fmt in BLOCK:
+        return QScheme(bits, symmetric=symmetric, granularity="group", group_size=BLOCK[fmt], format=fmt)
+    if fmt == "fp8":
+        return QScheme(bits, symmetric=symmetric, granularity="channel", axis=0, format=fmt)
     if bits < 8 and group_size:
         return QScheme(bits, symmetric=symmetric, granularity="group", group_size=group_size)
     return QScheme(bits, symmetric=symmetric, granularity="channel", axis=0)
 
 
-def act_scheme(mode, bits):
+def act_scheme(mode, bits, fmt="int"):
     if mode == "none":
         return None
-    return QScheme(bits, symmetric=False, granularity="token" if mode == "dynamic" else "tensor")
+    # (floating-point formats are symmetric: their grids are)
+    return QScheme(bits, symmetric=fmt != "int", granularity="token" if mode == "dynamic" else "tensor", format=fmt)
 
 
 def variants(methods, args) -> list:
@@ -184,9 +196,9 @@ def recipe_for(method, alpha, w_bits, act, observer, args) -> Recipe:
                                         gptaq=getattr(args, "gptaq", False), gptaq_alpha=getattr(args, "gptaq_alpha", 1.0)),
                    "awq": lambda: dict(grid=args.awq_grid, tokens=args.awq_tokens), "smoothquant": lambda: dict(alpha=alpha),
                    "signround": lambda: dict(iters=args.signround_iters)}.get(method, dict)()
-    return Recipe(weight=weight_scheme(w_bits, args.group_size, not args.w_asym), method=method, method_args=method_args,
+    return Recipe(weight=weight_scheme(w_bits, args.group_size, not args.w_asym, args.w_format), method=method, method_args=method_args,
                   w_observer="minmax" if method in ("awq", "hqq", "signround") else args.w_observer,  # they search ranges their own way
-                  activation=act_scheme(act, args.a_bits), a_observer=observer or None,
+                  activation=act_scheme(act, args.a_bits, args.a_format), a_observer=observer or None,
                   a_observer_args={"percentile": args.percentile} if observer == "percentile" else {},
                   embeddings=args.quantize_embeddings)
 
@@ -264,7 +276,8 @@ def budget_text(budget: tuple) -> str:
     return f"{budget[1]:g} bits/weight" if budget[0] == "bits" else f"{int(budget[1])} bytes"
 
 
-SUMMARY = ["method", "seed", "w_bits", "a_bits", "act", "observer", "granularity", "group_size", "perplexity", "size_bytes",
+SUMMARY = ["method", "seed", "w_bits", "a_bits", "act", "observer", "granularity", "group_size", "w_format", "a_format",
+           "perplexity", "size_bytes",
            "quant_seconds", "seconds"]
 
 
@@ -325,6 +338,12 @@ def main(argv=None):
         raise UsageError(f"--group_size must be >= 0, got {args.group_size}")
     if "hqq" in args.method and not args.w_asym:
         raise UsageError("--method hqq optimises each group's zero point: add --w_asym")
+    if args.a_format in BLOCK and "static" in args.act:
+        raise UsageError(f"--a_format {args.a_format} scales each block of {BLOCK[args.a_format]} on every call: "
+                         f"use --act dynamic (static is one calibrated scale per tensor)")
+    if args.save_model and (args.w_format != "int" or (args.a_format != "int" and set(args.act) - {"none"})):
+        raise UsageError("--save_model writes integer checkpoints; this run's rows use floating-point formats "
+                         f"(--w_format {args.w_format} --a_format {args.a_format}): drop --save_model")
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype]
 
@@ -346,6 +365,8 @@ def main(argv=None):
     if budgets and (args.export or args.quantize_embeddings or args.device_map):
         raise UsageError("--budget_bits / --budget_bytes allocate the linear layers of a model in memory: "
                          "drop --export, --quantize_embeddings and --device_map")
+    if budgets and args.w_format != "int":
+        raise UsageError(f"--budget_bits / --budget_bytes choose among integer schemes: drop --w_format {args.w_format}")
     if any(g < 0 for g in args.mp_groups):
         raise UsageError(f"--mp_groups must be >= 0, got {args.mp_groups}")
     cands = candidates(args)
@@ -483,7 +504,8 @@ def main(argv=None):
         label = recipe.describe() if budget is None else f"{method} mixed, {budget_text(budget)}"
         row = dict(timestamp=timestamp(), method=method, w_bits=w_bits, a_bits=args.a_bits if act != "none" else 32,
                    act=act, observer=recipe.a_observer or "", w_observer=recipe.w_observer, granularity=w_scheme.granularity,
-                   w_symmetric=w_scheme.symmetric, group_size=w_scheme.group_size, perplexity=ppl,
+                   w_symmetric=w_scheme.symmetric, group_size=w_scheme.group_size, w_format=w_scheme.format,
+                   a_format=recipe.activation.format if recipe.activation is not None else "", perplexity=ppl,
                    fp32_perplexity=fp32_ppl, size_bytes=size, quant_seconds=round(t_quant, 2),
                    seconds=round(time.time() - t0, 2), notes=notes, method_args=method_args(recipe),
                    recipe=recipe.to_json(), recipe_id=recipe.id, **intervals(q_eval, fp32_eval), seed=seed,

@@ -36,6 +36,9 @@ def export_tensors(model: torch.nn.Module):
     """(tensors to save, config): packed codes per quantized layer plus the remaining state."""
     tensors, layers = {}, {}
     qmods = quant_modules(model)
+    floats = next((m.weight_quant.scheme for m in qmods.values() if m.weight_quant.scheme.format != "int"), None)
+    if floats is not None:
+        raise ValueError(f"{floats.describe()}: checkpoints hold integer formats (this workbench simulates {floats.format})")
     for name, m in qmods.items():
         wq, s = m.weight_quant, m.weight_quant.scheme
         codes = wq.int_repr(m.weight).to(torch.int16) - s.qmin
@@ -75,14 +78,36 @@ def export_tensors(model: torch.nn.Module):
 
 
 def quantized_size_bytes(model: torch.nn.Module) -> int:
-    tensors, _ = export_tensors(model)
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    qmods = quant_modules(model)
+    if all(m.weight_quant.scheme.format == "int" for m in qmods.values()):
+        tensors, _ = export_tensors(model)
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+    # a float format, which checkpoints do not hold: the bytes its encoding takes (layer_nbytes),
+    # static activation scales, and every other tensor once
+    owned = tuple(k for name in qmods for k in _owned_keys(name))
+    seen, total = set(), 0
+    for key, t in model.state_dict(keep_vars=False).items():
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key.startswith(owned) or (t.numel() and ptr in seen):
+            continue
+        seen.add(ptr)
+        total += t.numel() * t.element_size()
+    for m in qmods.values():
+        total += layer_nbytes(m.out_features, m.in_features, m.weight_quant.scheme, m.weight_quant.fractional)
+        if m.act_quant is not None and not m.act_quant.scheme.dynamic:
+            total += 8  # float32 scale and zero point
+    return total
 
 
 def layer_nbytes(out_features: int, in_features: int, scheme: QScheme, fractional: bool = False) -> int:
     """Bytes that export_tensors writes for one quantized weight of this shape and scheme: its
     packed codes (partial groups padded), float32 scales and, when asymmetric, zero points (uint8,
-    or float16 for fractional ones). What the mixed-precision allocator counts before building anything."""
+    or float16 for fractional ones). What the mixed-precision allocator counts before building anything.
+    A floating-point format: its codes, plus 1 byte per block scale (E8M0 / E4M3) and NVFP4's float32
+    tensor scale, or fp8's float32 scales."""
+    if scheme.format in ("mxfp4", "nvfp4"):
+        n_blocks = out_features * -(-in_features // scheme.group_size)
+        return packed_nbytes(n_blocks * scheme.group_size, 4) + n_blocks + (4 if scheme.format == "nvfp4" else 0)
     if scheme.granularity == "group":
         n_groups = -(-in_features // scheme.group_size)
         codes, params = out_features * n_groups * scheme.group_size, out_features * n_groups

@@ -100,6 +100,9 @@ def export_problem(model: nn.Module, fmt: str, recipe=None) -> str | None:
     """Why `model` (quantized, or float with the `recipe` it will get) cannot be exported as `fmt`,
     in one line; None when it can."""
     layers = _layers(model, recipe)
+    floats = next((sch for _, w, a, *_ in layers for sch in (w, a) if sch is not None and sch.format != "int"), None)
+    if floats is not None:
+        return f"{floats.describe()}: exports write integer formats (this workbench simulates {floats.format})"
     if fmt == "gguf":
         return _gguf_problem(model, layers)
     if fmt != "compressed-tensors":

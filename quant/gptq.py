@@ -18,6 +18,7 @@ import copy
 import torch
 
 from .fake_quant import fake_quantize_prepared
+from .formats import fake_quantize_format
 from .observers import _mse_best_ratio
 from .scheme import QScheme, qparams_from_range, row_qparams
 
@@ -101,9 +102,15 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QScheme, block_size:
     n_groups = -(-in_f // g) if g else 1
     scales = torch.zeros(out_f, n_groups, device=W.device)
     zeros = torch.zeros(out_f, n_groups, device=W.device)
+    fmt = scheme.format != "int"
+    if fmt and mse:
+        raise ValueError(f"{scheme.format} fixes its scales by its own rule: GPTQ takes min-max ranges (no mse)")
     if scheme.granularity == "tensor":
         s, z = qparams_from_range(W.min(), W.max(), scheme)
         scales[:], zeros[:] = s, z
+    elif fmt:  # a float format's scales come from the original weight up front (NVFP4's need the whole tensor)
+        s, z = row_qparams(scheme.rows(scheme.to_layout(W)), scheme)
+        scales[:], zeros[:] = s.view(out_f, n_groups), z.view(out_f, n_groups)
     elif scheme.granularity == "channel" or act_order:
         # fixed up front: per-channel, or static groups under act-order (all groups as rows of one
         # call where they tile the row: the MSE search is one pass instead of one per group)
@@ -114,7 +121,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QScheme, block_size:
             for k in range(n_groups):
                 s, z = _params(W[:, k * g:(k + 1) * g], scheme, mse)
                 scales[:, k], zeros[:, k] = s[:, 0], z[:, 0]
-    lazy_groups = g is not None and not act_order
+    lazy_groups = g is not None and not act_order and not fmt
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
@@ -129,9 +136,14 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QScheme, block_size:
             grid[group] = (1.0 / s, s, scheme.qmin - z, scheme.qmax - z)
         return grid[group]
 
+    def rounded(w, group):
+        if fmt:
+            return fake_quantize_format(w, scales[:, group], scheme.format)
+        return fake_quantize_prepared(w, *operands(group))
+
     Q = torch.zeros_like(W)
     cols = perm.tolist()  # read on the host once: indexing a device tensor per column syncs
-    kernel = _column_kernel(W)
+    kernel = None if fmt else _column_kernel(W)  # (the Triton kernel rounds onto integer grids)
     if kernel is not None:
         Hinv = Hinv.contiguous()  # (cholesky's upper factor comes transposed: column-major)
         group_of = torch.tensor([c // g if g else 0 for c in cols], dtype=torch.int32, device=W.device)
@@ -156,7 +168,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QScheme, block_size:
                 continue
             for i in range(a, b):
                 w = W1[:, i]
-                q = fake_quantize_prepared(w, *operands(cols[i1 + i] // g if g else 0))
+                q = rounded(w, cols[i1 + i] // g if g else 0)
                 Q[:, i1 + i] = q
                 err = (w - q) / Hinv1[i, i]
                 W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)

@@ -330,6 +330,8 @@ class Int8StaticLinear(nn.Module):
 def kernel_for(q: IntLayer):
     """(module class, None) for a layer that has an integer kernel, else (None, reason)."""
     w, a = q.weight_quant.scheme, q.act_quant.scheme if q.act_quant is not None else None
+    if any(sch is not None and sch.format != "int" for sch in (w, a)):
+        return None, "integer kernels only (a floating-point format stays fake-quantized)"
     int8_channel = w.bits == 8 and w.symmetric and w.signed and w.granularity == "channel" and w.axis in (0, -2)
     if a is not None:
         if a.bits == 8 and a.granularity == "tensor" and not a.dynamic:

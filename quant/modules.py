@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .arch import in_out, is_conv1d, is_linear, weight_matrix
 from .fake_quant import dequantize, fake_quantize, fake_quantize_fractional, is_fractional, lsq_fake_quantize, quantize
+from .formats import fake_quantize_format
 from .observers import make_observer
 from .scheme import QScheme, check_finite, qparams_from_range
 
@@ -56,7 +57,9 @@ class Quantizer(nn.Module):
     def _qparams(self, xl: torch.Tensor):
         if self.scheme.dynamic:
             with torch.no_grad():
-                return qparams_from_range(xl.amin(-1, keepdim=True), xl.amax(-1, keepdim=True), self.scheme)
+                # (NVFP4's tensor scale: each token's own absmax, so a row does not depend on its batch)
+                row_absmax = xl.abs().amax((-2, -1), keepdim=True) if self.scheme.format == "nvfp4" else None
+                return qparams_from_range(xl.amin(-1, keepdim=True), xl.amax(-1, keepdim=True), self.scheme, row_absmax)
         if self.scale is None:
             raise RuntimeError(f"quantizer ({self.scheme.describe()}) has no scale: calibrate it first")
         return self.scale, self.zero_point
@@ -72,6 +75,8 @@ class Quantizer(nn.Module):
             positive_levels = s.qmax - s.zero_point_int if s.symmetric else s.qmax - s.qmin
             g = (xl.numel() / scale.numel() * positive_levels) ** -0.5
             y = lsq_fake_quantize(xl, scale, zp, s.qmin, s.qmax, g)
+        elif s.format != "int":
+            y = fake_quantize_format(xl, scale, s.format)
         elif self.fractional:
             y = fake_quantize_fractional(xl, scale, zp, s.qmin, s.qmax)
         else:
@@ -83,6 +88,8 @@ class Quantizer(nn.Module):
 
     def int_repr(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes of x in the laid-out shape (for packing)."""
+        if self.scheme.format != "int":
+            raise ValueError(f"{self.scheme.describe()} has no integer codes: checkpoints and exports hold integer formats")
         xl = self.scheme.to_layout(x.detach())
         scale, zp = self._qparams(xl)
         return quantize(xl, scale, zp, self.scheme.qmin, self.scheme.qmax)
@@ -182,8 +189,9 @@ class QuantEmbedding(QuantLinear):
 
 
 def layer_scheme(scheme: QScheme, in_features: int) -> QScheme:
-    """The scheme for a layer: per-channel when its input is smaller than the group."""
-    if scheme.granularity == "group" and scheme.group_size > in_features:
+    """The scheme for a layer: per-channel when its input is smaller than the group (a block
+    format's block is part of the format: a narrower layer gets one zero-padded block)."""
+    if scheme.granularity == "group" and scheme.group_size > in_features and scheme.format == "int":
         return QScheme(scheme.bits, scheme.symmetric, scheme.signed, "channel", axis=0)
     return scheme
 

@@ -317,4 +317,6 @@ OBSERVERS = {
 def make_observer(name: str, scheme: QScheme, **kwargs) -> Observer:
     if name not in OBSERVERS:
         raise ValueError(f"unknown observer {name!r}; choose from {sorted(OBSERVERS)}")
+    if scheme.format != "int" and name in ("mse", "entropy"):  # (their searches score integer grids)
+        raise ValueError(f"the {name} observer searches integer grids; {scheme.format} takes minmax, ema or percentile ranges")
     return OBSERVERS[name](scheme, **kwargs)
