@@ -196,9 +196,9 @@ def recipe_for(method, alpha, w_bits, act, observer, args) -> Recipe:
                                         gptaq=getattr(args, "gptaq", False), gptaq_alpha=getattr(args, "gptaq_alpha", 1.0)),
                    "awq": lambda: dict(grid=args.awq_grid, tokens=args.awq_tokens), "smoothquant": lambda: dict(alpha=alpha),
                    "signround": lambda: dict(iters=args.signround_iters)}.get(method, dict)()
-    return Recipe(weight=weight_scheme(w_bits, args.group_size, not args.w_asym, args.w_format), method=method, method_args=method_args,
+    return Recipe(weight=weight_scheme(w_bits, args.group_size, not args.w_asym, getattr(args, "w_format", "int")), method=method, method_args=method_args,
                   w_observer="minmax" if method in ("awq", "hqq", "signround") else args.w_observer,  # they search ranges their own way
-                  activation=act_scheme(act, args.a_bits, args.a_format), a_observer=observer or None,
+                  activation=act_scheme(act, args.a_bits, getattr(args, "a_format", "int")), a_observer=observer or None,
                   a_observer_args={"percentile": args.percentile} if observer == "percentile" else {},
                   embeddings=args.quantize_embeddings)
 
