@@ -196,9 +196,10 @@ def recipe_for(method, alpha, w_bits, act, observer, args) -> Recipe:
                                         gptaq=getattr(args, "gptaq", False), gptaq_alpha=getattr(args, "gptaq_alpha", 1.0)),
                    "awq": lambda: dict(grid=args.awq_grid, tokens=args.awq_tokens), "smoothquant": lambda: dict(alpha=alpha),
                    "signround": lambda: dict(iters=args.signround_iters)}.get(method, dict)()
-    return Recipe(weight=weight_scheme(w_bits, args.group_size, not args.w_asym, getattr(args, "w_format", "int")), method=method, method_args=method_args,
+    w_format, a_format = getattr(args, "w_format", "int"), getattr(args, "a_format", "int")  # (rows from before the flags: int)
+    return Recipe(weight=weight_scheme(w_bits, args.group_size, not args.w_asym, w_format), method=method, method_args=method_args,
                   w_observer="minmax" if method in ("awq", "hqq", "signround") else args.w_observer,  # they search ranges their own way
-                  activation=act_scheme(act, args.a_bits, getattr(args, "a_format", "int")), a_observer=observer or None,
+                  activation=act_scheme(act, args.a_bits, a_format), a_observer=observer or None,
                   a_observer_args={"percentile": args.percentile} if observer == "percentile" else {},
                   embeddings=args.quantize_embeddings)
 
@@ -277,8 +278,7 @@ def budget_text(budget: tuple) -> str:
 
 
 SUMMARY = ["method", "seed", "w_bits", "a_bits", "act", "observer", "granularity", "group_size", "w_format", "a_format",
-           "perplexity", "size_bytes",
-           "quant_seconds", "seconds"]
+           "perplexity", "size_bytes", "quant_seconds", "seconds"]
 
 
 EXPORT_FIELDS = ["export_format", "export_path", "export_bytes", "export_perplexity", "export_max_logit_diff",

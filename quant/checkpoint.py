@@ -60,21 +60,29 @@ def export_tensors(model: torch.nn.Module):
         layers[name] = {"kind": "embedding" if isinstance(m, QuantEmbedding) else "linear", "weight": s.to_dict(),
                         "act": act, "shape": [m.out_features, m.in_features], "layout": list(codes.shape),
                         "bias": m.bias is not None, "padding_idx": getattr(m, "padding_idx", None), "conv1d": m.conv1d}
+    rest, tied = _other_tensors(model, qmods)
+    tensors.update(rest)
+    config = {"format": FORMAT, "layers": layers, "tied": tied}
+    if hasattr(getattr(model, "config", None), "to_dict"):
+        config["model_config"] = model.config.to_dict()  # what load_quantized_model builds the architecture from
+    return tensors, config
+
+
+def _other_tensors(model: torch.nn.Module, qmods: dict):
+    """({key: tensor} of the state that no quantized layer owns, each storage once; {tied key: the key
+    that holds it}): tied weights (e.g. lm_head / embeddings) are stored once."""
     owned = tuple(k for name in qmods for k in _owned_keys(name))
-    seen, tied = {}, {}
+    seen, tensors, tied = {}, {}, {}
     for key, t in model.state_dict(keep_vars=False).items():
         if key.startswith(owned):
             continue
         ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if t.numel() and ptr in seen:
-            tied[key] = seen[ptr]  # tied weights (e.g. lm_head / embeddings) are stored once
+            tied[key] = seen[ptr]
             continue
         seen[ptr] = key
         tensors[key] = t.detach().contiguous()
-    config = {"format": FORMAT, "layers": layers, "tied": tied}
-    if hasattr(getattr(model, "config", None), "to_dict"):
-        config["model_config"] = model.config.to_dict()  # what load_quantized_model builds the architecture from
-    return tensors, config
+    return tensors, tied
 
 
 def quantized_size_bytes(model: torch.nn.Module) -> int:
@@ -84,14 +92,7 @@ def quantized_size_bytes(model: torch.nn.Module) -> int:
         return sum(t.numel() * t.element_size() for t in tensors.values())
     # a float format, which checkpoints do not hold: the bytes its encoding takes (layer_nbytes),
     # static activation scales, and every other tensor once
-    owned = tuple(k for name in qmods for k in _owned_keys(name))
-    seen, total = set(), 0
-    for key, t in model.state_dict(keep_vars=False).items():
-        ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key.startswith(owned) or (t.numel() and ptr in seen):
-            continue
-        seen.add(ptr)
-        total += t.numel() * t.element_size()
+    total = sum(t.numel() * t.element_size() for t in _other_tensors(model, qmods)[0].values())
     for m in qmods.values():
         total += layer_nbytes(m.out_features, m.in_features, m.weight_quant.scheme, m.weight_quant.fractional)
         if m.act_quant is not None and not m.act_quant.scheme.dynamic:

@@ -20,7 +20,6 @@ FORMATS = ("int", "fp8", "mxfp4", "nvfp4")
 BITS = {"fp8": 8, "mxfp4": 4, "nvfp4": 4}
 BLOCK = {"mxfp4": 32, "nvfp4": 16}  # elements per scale, fixed by the format
 FP8_MAX, FP4_MAX = 448.0, 6.0
-SCALE_BITS = {"mxfp4": 8, "nvfp4": 8}  # stored bits per block scale (E8M0, E4M3)
 
 
 def round_fp8(x: torch.Tensor) -> torch.Tensor:
@@ -38,7 +37,6 @@ def round_fp4(x: torch.Tensor) -> torch.Tensor:
 
 
 ROUND = {"fp8": round_fp8, "mxfp4": round_fp4, "nvfp4": round_fp4}
-TOP = {"fp8": FP8_MAX, "mxfp4": FP4_MAX, "nvfp4": FP4_MAX}
 
 
 def format_scale(absmax: torch.Tensor, fmt: str, tensor_absmax=None) -> torch.Tensor:
