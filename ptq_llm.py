@@ -16,6 +16,10 @@ scales (from the --observers) or dynamic per-token activations. Each runs with e
   hqq          HQQ: each group's zero point optimised as a float, no calibration data; --w_asym only
   signround    SignRound (AutoRound): rounding offsets and range factors learned per block by signed
                gradient descent against the float model's block outputs (--signround_iters steps)
+--w_format / --a_format pick FP8, MXFP4 or NVFP4 grids instead of integers; --rotation hadamard
+rotates the float model first (QuaRot-style, quant/rotation.py); --kv_bits quantizes the KV cache
+that attention reads (KIVI, quant/kvcache.py). Each rotation and each KV setting is a run of all
+the configurations.
 With --budget_bits / --budget_bytes the weight-only rows are mixed precision instead: each layer's
 sensitivity to each candidate scheme is measured once (KL divergence from the float model with only
 that layer quantized), and each budget gets the scheme per layer that minds least in total.
@@ -74,7 +78,9 @@ from quant.checkpoint import atomic_path, bits_per_weight
 from quant.export import FORMATS as EXPORT_FORMATS
 from quant.export import export_problem, gguf_tokenizer_problem, save_compressed_tensors, save_gguf
 from quant.formats import BLOCK, FORMATS
+from quant.kvcache import check_kv, kv_bytes_per_token
 from quant.modules import layer_scheme
+from quant.rotation import check_rotatable
 from results import Results, append_rows, code_version, environment, settings_id, timestamp
 from stats import bootstrap_mean, encode
 
@@ -102,6 +108,18 @@ def build_parser(prog=None):
     p.add_argument("--a_format", choices=list(FORMATS), default="int",
                    help="activation number format of the --act rows: int, fp8 (static per tensor or dynamic per token, "
                         "--a_bits 8), mxfp4 / nvfp4 (dynamic, --a_bits 4) (default: int)")
+    p.add_argument("--rotation", nargs="+", choices=["none", "hadamard"], default=["none"],
+                   help="each a run: none, or hadamard: rotate the float model first (QuaRot-style fixed Hadamards "
+                        "on the residual stream, value heads, down-projection inputs and, with --kv_bits, queries and "
+                        "keys; Llama-family models whose widths have a Hadamard matrix) (default: none)")
+    p.add_argument("--kv_bits", type=bits_type, nargs="+", default=[],
+                   help="each a run: a quantized KV cache at these bits, keys per channel and values per token "
+                        "(KIVI), used for attention (default: none, a float cache)")
+    p.add_argument("--kv_group", type=positive_int, default=32,
+                   help="KV cache: tokens per key scale and channels per value scale; must divide the head "
+                        "dimension (default: 32)")
+    p.add_argument("--kv_residual", type=int, default=0,
+                   help="KV cache: the most recent tokens kept in float (default: 0)")
     p.add_argument("--act", nargs="+", choices=["none", "static", "dynamic"], default=["none", "static", "dynamic"],
                    help="activation modes: none = weight-only at each --bits; static / dynamic = W{act_w_bits}A{a_bits} "
                         "(default: none static dynamic)")
@@ -190,7 +208,12 @@ def variants(methods, args) -> list:
     return [(m, a) for m in methods for a in (args.sq_alpha if m == "smoothquant" else [None])]
 
 
-def recipe_for(method, alpha, w_bits, act, observer, args) -> Recipe:
+def kv_scheme(bits, group):
+    """The KV-cache scheme of --kv_bits: asymmetric (KIVI's min / max per group)."""
+    return None if bits is None else QScheme(bits, symmetric=False, granularity="group", group_size=group)
+
+
+def recipe_for(method, alpha, w_bits, act, observer, args, rotation="none", kv_bits=None) -> Recipe:
     """The Recipe of one configuration, from the flags."""
     method_args = {"gptq": lambda: dict(block_size=args.gptq_block_size, damp=args.gptq_damp, act_order=args.act_order,
                                         gptaq=getattr(args, "gptaq", False), gptaq_alpha=getattr(args, "gptaq_alpha", 1.0)),
@@ -201,7 +224,8 @@ def recipe_for(method, alpha, w_bits, act, observer, args) -> Recipe:
                   w_observer="minmax" if method in ("awq", "hqq", "signround") else args.w_observer,  # they search ranges their own way
                   activation=act_scheme(act, args.a_bits, a_format), a_observer=observer or None,
                   a_observer_args={"percentile": args.percentile} if observer == "percentile" else {},
-                  embeddings=args.quantize_embeddings)
+                  embeddings=args.quantize_embeddings, rotation=rotation, kv_cache=kv_scheme(kv_bits, getattr(args, "kv_group", 32)),
+                  kv_residual=args.kv_residual if kv_bits is not None else 0)
 
 
 def method_args(recipe: Recipe) -> str:
@@ -278,7 +302,7 @@ def budget_text(budget: tuple) -> str:
 
 
 SUMMARY = ["method", "seed", "w_bits", "a_bits", "act", "observer", "granularity", "group_size", "w_format", "a_format",
-           "perplexity", "size_bytes", "quant_seconds", "seconds"]
+           "rotation", "kv_bits", "perplexity", "size_bytes", "quant_seconds", "seconds"]
 
 
 EXPORT_FIELDS = ["export_format", "export_path", "export_bytes", "export_perplexity", "export_max_logit_diff",
@@ -344,6 +368,11 @@ def main(argv=None):
     if args.save_model and (args.w_format != "int" or (args.a_format != "int" and set(args.act) - {"none"})):
         raise UsageError("--save_model writes integer checkpoints; this run's rows use floating-point formats "
                          f"(--w_format {args.w_format} --a_format {args.a_format}): drop --save_model")
+    if args.kv_residual < 0:
+        raise UsageError(f"--kv_residual is a number of tokens >= 0, got {args.kv_residual}")
+    if (args.save_model or args.export) and (set(args.rotation) - {"none"} or args.kv_bits):
+        raise UsageError("--save_model / --export write the weights alone: a rotation's online transforms and a "
+                         "quantized KV cache are not part of them; drop --save_model / --export or --rotation / --kv_bits")
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype]
 
@@ -362,6 +391,9 @@ def main(argv=None):
         calib_split, calib_text = "validation", wikitext_text("validation", args.data_dir)
         print("WikiText-2 train split not available: calibrating on the validation split")
     budgets = [("bits", b) for b in args.budget_bits] + [("bytes", b) for b in args.budget_bytes]
+    if budgets and (set(args.rotation) - {"none"} or args.kv_bits):
+        raise UsageError("--budget_bits / --budget_bytes allocate the weights of the unrotated model with a float "
+                         "cache: drop --rotation / --kv_bits")
     if budgets and (args.export or args.quantize_embeddings or args.device_map):
         raise UsageError("--budget_bits / --budget_bytes allocate the linear layers of a model in memory: "
                          "drop --export, --quantize_embeddings and --device_map")
@@ -372,7 +404,8 @@ def main(argv=None):
     cands = candidates(args)
     try:  # every configuration's recipe, checked now: a setting that cannot work fails before any weights load
         # (recipe, budget): a mixed-precision entry holds its template (the method, at each candidate scheme once)
-        plan = [(recipe_for(method, alpha, w_bits, act, observer, args), None)
+        plan = [(recipe_for(method, alpha, w_bits, act, observer, args, rotation, kv), None)
+                for rotation in args.rotation for kv in (args.kv_bits or [None])
                 for method, alpha in variants(args.method, args) for w_bits, act, observer in configurations(args)
                 if not (method == "smoothquant" and act == "none")  # smoothing only helps quantized activations
                 and not (budgets and act == "none")]  # budgets replace the uniform weight-only rows
@@ -401,6 +434,14 @@ def main(argv=None):
         problem = gguf_tokenizer_problem(tok)
         if problem:
             raise UsageError(f"--export gguf: {problem}")
+    try:  # a rotation or cache this model cannot take fails now, not after the float pass
+        for recipe, _ in plan:
+            if recipe.rotation != "none":
+                check_rotatable(model)
+            if recipe.kv_cache is not None:
+                check_kv(model, recipe.kv_cache)
+    except ValueError as e:
+        raise UsageError(f"{args.model_name}: {e}") from None
     for recipe, _ in plan:  # an export that cannot be written fails now, not after hours of quantizing
         for fmt in args.export:
             problem = export_problem(model, fmt, recipe)
@@ -435,7 +476,8 @@ def main(argv=None):
                     granularity="", group_size=None, perplexity=fp32_ppl, fp32_perplexity=fp32_ppl, size_bytes=fp32_size,
                     seconds=round(time.time() - t0, 2), notes="", recipe="", recipe_id="fp32",
                     **intervals(fp32_eval, None), kld=0.0, kld_ci_low=0.0, kld_ci_high=0.0, kld_p99=0.0, top1_agree=1.0,
-                    ln_ppl_ratio=0.0, ln_ppl_ratio_ci_low=0.0, ln_ppl_ratio_ci_high=0.0, seed=seeds[0]))
+                    ln_ppl_ratio=0.0, ln_ppl_ratio_ci_low=0.0, ln_ppl_ratio_ci_high=0.0, seed=seeds[0],
+                    rotation="none", kv_bytes_per_token=kv_bytes_per_token(model.config, None)))
         print(f"FP32 perplexity {fp32_ppl:.3f}  ({fp32_size} bytes)")
 
     sensitivities = {}  # (seed, weight observer): {layer: [KL per candidate]}
@@ -490,7 +532,7 @@ def main(argv=None):
             quantize_model(qmodel, recipe, calibs[seed].split(args.batch_size), progress=progress)
         except ValueError as e:  # a recipe that cannot apply to this model: bad input, not a crash
             raise UsageError(f"{args.model_name}: {e}") from None
-        w_scheme = recipe.weight
+        w_scheme, kv = recipe.weight, recipe.kv_cache
         schemes = {n: m.weight_quant.scheme for n, m in quant_modules(qmodel).items()}
         fallback = [n for n, sch in schemes.items() if sch.granularity != w_scheme.granularity and budget is None]
         notes = f"per-channel for {len(fallback)} layers with inputs < group {args.group_size}" if fallback else ""
@@ -509,7 +551,10 @@ def main(argv=None):
                    fp32_perplexity=fp32_ppl, size_bytes=size, quant_seconds=round(t_quant, 2),
                    seconds=round(time.time() - t0, 2), notes=notes, method_args=method_args(recipe),
                    recipe=recipe.to_json(), recipe_id=recipe.id, **intervals(q_eval, fp32_eval), seed=seed,
-                   bits_per_weight=round(bits_per_weight(qmodel), 4))
+                   bits_per_weight=round(bits_per_weight(qmodel), 4), rotation=recipe.rotation,
+                   kv_bits=kv.bits if kv else None, kv_group=kv.group_size if kv else None,
+                   kv_residual=recipe.kv_residual if kv else None,
+                   kv_bytes_per_token=round(kv_bytes_per_token(qmodel.config, kv, recipe.kv_residual, args.seq_len), 2))
         if budget is not None:
             row.update(budget=budget_text(budget), mix=recipe.mix, mp_samples=min(args.mp_samples, args.calib_samples),
                        sensitivity_seconds=sens_seconds)

@@ -267,12 +267,23 @@ def check_cells(df: pd.DataFrame, cell: list, what: str) -> None:
                          f"the table's labels must tell them apart")
 
 
+def grid_extras(r) -> str:
+    """What a row's setting adds to its bits and group: number formats, rotation, KV cache."""
+    text = lambda v: v if isinstance(v, str) and v not in ("", "int", "none") else ""  # noqa: E731
+    out = (f" {text(r.w_format)}" if text(r.w_format) else "") + (f" a={text(r.a_format)}" if text(r.a_format) else "")
+    out += " +hadamard" if text(r.rotation) else ""
+    if pd.notna(r.kv_bits):
+        out += f" kv{int(r.kv_bits)} g{int(r.kv_group)}" + (f" r{int(r.kv_residual)}" if r.kv_residual else "")
+    return out
+
+
 def llm_rows(df: pd.DataFrame) -> pd.DataFrame:
     """Latest row of each recipe per evaluation setting, with a readable setting, Δppl against the
     FP32 row of the same evaluation, and the rows in reading order."""
     df = df.copy()
     for col, default in (("method_args", ""), ("w_symmetric", True), ("quant_seconds", None), ("budget", None),
-                         ("bits_per_weight", None), ("mix", "")):
+                         ("bits_per_weight", None), ("mix", ""), ("w_format", ""), ("a_format", ""), ("rotation", "none"),
+                         ("kv_bits", None), ("kv_group", None), ("kv_residual", None)):
         if col not in df.columns:
             df[col] = default
     df["method_args"] = df.method_args.fillna("")
@@ -292,7 +303,8 @@ def llm_rows(df: pd.DataFrame) -> pd.DataFrame:
                       if r.mixed else f"W{int(r.w_bits)}" + (f"A{int(r.a_bits)} {r.act}" if r.act != "none" else "")
                       + (f" g{int(r.group_size)}" if r.granularity == "group" else (" per-channel" if r.method != "fp32" else ""))
                       + ("" if r.w_symmetric or r.method == "fp32" else " asym")
-                      + (f" {r.observer}" if isinstance(r.observer, str) and r.observer else "")) for r in df.itertuples()]
+                      + (f" {r.observer}" if isinstance(r.observer, str) and r.observer else "")) + grid_extras(r)
+                     for r in df.itertuples()]
     df["size MB"] = df.size_bytes / 1e6
     fp32_rows = df[df.method == "fp32"].groupby(["label", "seq_len", "eval_tokens"]).perplexity.last()
     ref = [r.fp32_perplexity if pd.notna(r.fp32_perplexity) else fp32_rows.get((r.label, r.seq_len, r.eval_tokens))

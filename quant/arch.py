@@ -72,6 +72,8 @@ def scale_groups(block: nn.Module, norms_only: bool = False) -> list:
             continue
         if not all(is_linear(c) for c in cons.values()):
             continue
+        if any(getattr(c, "input_transform", None) is not None for c in cons.values()):
+            continue  # an online rotation mixes the channels between producer and consumer
         if is_linear(prod):
             if norms_only or in_out(prod)[1] != in_out(next(iter(cons.values())))[0]:
                 continue  # e.g. v_proj -> o_proj under grouped-query attention: shapes differ

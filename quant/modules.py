@@ -196,8 +196,23 @@ def layer_scheme(scheme: QScheme, in_features: int) -> QScheme:
     return scheme
 
 
+def _apply_input_transform(module, args):
+    return (module.input_transform(args[0]), *args[1:])
+
+
+def attach_input_transform(module: nn.Module, transform: nn.Module) -> None:
+    """Apply `transform` to the module's input before anything else sees it (its other hooks,
+    calibration, its activation quantizer): an online rotation. It stays with the layer when
+    quantize_linears replaces the module."""
+    module.input_transform = transform
+    module.register_forward_pre_hook(_apply_input_transform, prepend=True)
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
+    old = model.get_submodule(name)
+    if getattr(old, "input_transform", None) is not None:
+        attach_input_transform(new, old.input_transform)
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 

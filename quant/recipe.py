@@ -36,6 +36,7 @@ LATER_ARGS = {"gptq": {"gptaq": False, "gptaq_alpha": 1.0}, "mse": {"norm": 2.0,
 GPTQ_PASS_TOKENS = 16384  # calibration tokens per block call in GPTQ (32 windows of 512: ~0.3 GB of fp32 attention)
 W_OBSERVERS = ("minmax", "mse", "percentile")
 A_OBSERVERS = ("minmax", "ema", "percentile", "mse", "entropy")
+ROTATIONS = ("none", "hadamard")
 OBSERVER_ARGS = {"percentile": {"percentile": 99.99}, "ema": {"averaging_constant": 0.01},
                  "mse": {"norm": 2.0, "min_ratio": 0.05}}  # |error|^norm over clip ratios min_ratio..1
 
@@ -70,6 +71,10 @@ class Recipe:
                  get per-channel weights instead of an error
     layer_weights  {layer name: QScheme}: that layer's weight scheme instead of `weight` (mixed
                  precision: quant.mixed chooses them); every named layer must be quantized
+    rotation     none | hadamard: rotate the float model first (quant.rotation; Llama-family)
+    kv_cache     None (a float cache) or an integer group scheme for the KV cache (quant.kvcache:
+                 keys per channel over group_size tokens, values per token over group_size
+                 channels), with the `kv_residual` most recent tokens kept in float
     """
     weight: QScheme
     method: str = "rtn"
@@ -83,6 +88,9 @@ class Recipe:
     embeddings: bool = False
     group_fallback: bool = True
     layer_weights: tuple = ()  # ((name, QScheme), ...) sorted by name; given as a dict or pairs
+    rotation: str = "none"
+    kv_cache: QScheme | None = None
+    kv_residual: int = 0
     version: int = field(default=1, repr=False)  # of this description; bump when a field's meaning changes
 
     def __post_init__(self):
@@ -160,6 +168,18 @@ class Recipe:
         for flag in ("embeddings", "group_fallback"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
+        if self.rotation != "none" and self.method in ("qat", "hqq", "signround"):
+            raise ValueError(f"rotation composes with rtn, gptq, awq and smoothquant, not {self.method}")
+        if isinstance(self.kv_cache, dict):
+            put("kv_cache", QScheme(**self.kv_cache))
+        if self.kv_cache is not None:
+            from .kvcache import check_scheme
+            check_scheme(self.kv_cache)
+        if type(self.kv_residual) is not int or self.kv_residual < 0 or (self.kv_residual and self.kv_cache is None):
+            raise ValueError(f"kv_residual is a number of tokens >= 0 kept in float by a quantized KV cache, "
+                             f"got {self.kv_residual!r}" + ("" if self.kv_cache is not None else " without kv_cache"))
 
     def scheme_of(self, name: str, in_features: int) -> QScheme:
         """The weight scheme of one layer (full name in the model): its own, or `weight`."""
@@ -192,6 +212,10 @@ class Recipe:
              "skip": list(self.skip), "embeddings": self.embeddings, "group_fallback": self.group_fallback}
         if self.layer_weights:  # (added after ids existed: absent when empty, so earlier ids stand)
             d["layer_weights"] = {n: sch.to_dict() for n, sch in self.layer_weights}
+        if self.rotation != "none":  # (likewise)
+            d["rotation"] = self.rotation
+        if self.kv_cache is not None:
+            d["kv_cache"], d["kv_residual"] = self.kv_cache.to_dict(), self.kv_residual
         return d
 
     def to_json(self) -> str:
@@ -204,7 +228,8 @@ class Recipe:
         return cls(weight=QScheme(**d.pop("weight")),
                    activation=None if d.get("activation") is None else QScheme(**d.pop("activation")),
                    layer_weights={n: QScheme(**sch) for n, sch in d.pop("layer_weights", {}).items()},
-                   **{k: (tuple(v) if k == "skip" else v) for k, v in d.items() if k != "activation"})
+                   kv_cache=None if d.get("kv_cache") is None else QScheme(**d.pop("kv_cache")),
+                   **{k: (tuple(v) if k == "skip" else v) for k, v in d.items() if k not in ("activation", "kv_cache")})
 
     @classmethod
     def from_json(cls, text: str) -> "Recipe":
@@ -223,6 +248,12 @@ class Recipe:
         return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
 
     def describe(self) -> str:
+        tail = (" +hadamard" if self.rotation != "none" else "") + (
+            f" kv{self.kv_cache.bits} g{self.kv_cache.group_size}" + (f" r{self.kv_residual}" if self.kv_residual else "")
+            if self.kv_cache is not None else "")
+        return self._describe() + tail
+
+    def _describe(self) -> str:
         a = self.activation
         w = f"W{self.weight.bits}" + (f"A{a.bits} {self.act}" if a is not None else "")
         w += f" a={a.format}" if a is not None and a.format != "int" else ""
@@ -250,11 +281,24 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib=None, progress: bool 
     which run block by block on Hugging Face decoder models (each block calibrated on the outputs
     of the already-quantized blocks before it). For method "qat" the model comes back with float
     weights under fake quantization, ready to train; call `.freeze()` on its quant modules after.
+    A rotation is applied to the float model before anything else, a KV-cache scheme after.
     """
-    from .sequential import merge_batches, run_block, sequential_quantize
     batches = None if calib is None else list(calib)
     if recipe.needs_calibration and not batches:
         raise ValueError(f"{recipe.describe()} needs calibration batches (calib=...)")
+    if recipe.rotation == "hadamard":  # the float model first: every method then calibrates the rotated one
+        from .rotation import rotate_model
+        rotate_model(model)
+    _quantize_layers(model, recipe, batches, progress)
+    if recipe.kv_cache is not None:
+        from .kvcache import quantize_kv_cache
+        quantize_kv_cache(model, recipe.kv_cache, recipe.kv_residual)
+    _check_swapped(model, recipe)
+    return model
+
+
+def _quantize_layers(model: nn.Module, recipe: Recipe, batches, progress: bool) -> None:
+    from .sequential import merge_batches, run_block, sequential_quantize
     w_kw = dict(recipe.w_observer_args)
     a_kw = dict(recipe.a_observer_args)
     device = _device(model)
@@ -274,8 +318,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib=None, progress: bool 
         if static:
             calibrate(model, batches, observer=recipe.a_observer, forward=lambda m, b: m(b.to(device)),
                       desc=f"calibrate {recipe.a_observer}", progress=progress, **a_kw)
-        _check_swapped(model, recipe)
-        return model
+        return
 
     from .arch import block_prefix, weight_matrix
     from .gptq import gptq_block
@@ -315,8 +358,6 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib=None, progress: bool 
     if recipe.embeddings:  # lm_head and embeddings: round to nearest, weight-only
         quantize_linears(model, recipe.weight, None, group_fallback=recipe.group_fallback, embeddings=True,
                          w_observer=recipe.w_observer, overrides=dict(recipe.layer_weights), **w_kw)
-    _check_swapped(model, recipe)
-    return model
 
 
 def _check_swapped(model: nn.Module, recipe: Recipe) -> None:
