@@ -82,7 +82,7 @@ def hadamard_transform(x: torch.Tensor, small: torch.Tensor | None = None) -> to
         h *= 2
     y = y.reshape(-1, m, p)
     if m > 1:  # x @ (S (x) B) = S^T X B for X the (m, p) reshaping of x
-        y = torch.einsum("ji,bjp->bip", small.to(y.dtype), y)
+        y = torch.einsum("ji,bjp->bip", small.to(y), y)
     return (y / math.sqrt(n)).reshape(shape)
 
 
