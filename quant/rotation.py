@@ -127,7 +127,7 @@ def check_rotatable(model: nn.Module) -> None:
 
 
 def _rows(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    return (w.double() @ q).to(w.dtype)
+    return (w.double() @ q.to(w.device)).to(w.dtype)
 
 
 @torch.no_grad()
