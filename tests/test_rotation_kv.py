@@ -16,6 +16,7 @@ from quant.rotation import factor, hadamard_matrix, hadamard_transform, paley_fa
 from tests.conftest import DATA
 from tests.test_llm import args_for
 
+
 @pytest.fixture
 def stories():
     return os.path.join(DATA, "stories260K")
