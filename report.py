@@ -601,10 +601,13 @@ def headline(df: pd.DataFrame) -> str:
         return ""
     g = main_setting(g)
     gptq_shown = (g.w_observer == "mse") & (~g.method_args.str.contains("gptaq") | g.method_args.str.contains("alpha=0.25"))
-    keep = (g.method == "fp32") | ((g.act == "none") & ~g.mixed & (g.group_size == 128) & ~g.w_symmetric
+    # integer grids, no rotation, a float cache: formats, rotations and KV caches have their tables in docs/results.md
+    plain = ~g.w_format.isin(["fp8", "mxfp4", "nvfp4"]) & ~g.a_format.isin(["fp8", "mxfp4", "nvfp4"]) \
+        & ~g.rotation.isin(["hadamard"]) & g.kv_bits.isna()
+    keep = (g.method == "fp32") | (plain & (g.act == "none") & ~g.mixed & (g.group_size == 128) & ~g.w_symmetric
                                    & ((g.method != "gptq") | gptq_shown)) \
         | (g.mixed & (g.method == "signround")) \
-        | ((g.act != "none") & ((g.method == "rtn") | (g.method_args == "alpha=0.9")))
+        | (plain & (g.act != "none") & (g.w_bits == 8) & ((g.method == "rtn") | (g.method_args == "alpha=0.9")))
     cols = [c for c in ["setting", "algorithm", "perplexity", "95% CI", "Δppl", "vs FP32", "vs RTN", "over seeds", "size MB"]
             if (g[keep][c] != "").any()]
     t = g[keep][cols]
