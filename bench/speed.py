@@ -20,7 +20,8 @@ on top of the resident weights. Variants that have no kernel on the chosen devic
 (torch.ao and our static int8 run on CPU only). Variants:
   ours      fake-quant (W8A8 static / W8 weight-only, the overhead of simulation) and the real
             integer kernels of quant/kernels.py (int8 weight-only, int4 per-group weight-only,
-            int8 dynamic per-token activations, int8 static per-tensor activations on the MLP)
+            int8 dynamic per-token activations, int8 static per-tensor activations on the MLP,
+            FP8 E4M3 per-channel x dynamic per-token through torch._scaled_mm on the LLM)
   torch.ao  quantize_dynamic (fbgemm / x86), eager static PTQ with MinMax / Histogram observers (MLP)
   torchao   Int8WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig
   quanto    qint8 / qint4 weights
@@ -55,6 +56,7 @@ from results import append_rows, code_version, timestamp  # noqa: E402
 
 W8 = QScheme(8, granularity="channel")
 A8_TOKEN = QScheme(8, granularity="token")
+FP8_W, FP8_A = QScheme(8, granularity="channel", format="fp8"), QScheme(8, granularity="token", format="fp8")
 
 
 def ours(w, a=None, calib=None, kernels=False, skip=("lm_head",), chain=None):
@@ -266,6 +268,7 @@ def llm_bench(args):
         f"ours int4 g{g} weight-only + lm_head": ("ours", ours(QScheme(4, granularity="group", group_size=g), kernels=True,
                                                                skip=())),
         "ours int8 dynamic (W8A8)": ("ours", ours(W8, A8_TOKEN, kernels=True)),
+        "ours fp8 dynamic (FP8 W8A8)": ("ours", ours(FP8_W, FP8_A, kernels=True)),
         "torchao int8 weight-only": ("torchao", torchao("int8wo")),
         "torchao int8 dynamic": ("torchao", torchao("int8dyn")),
         "quanto qint8 weights": ("quanto", quanto("qint8")),

@@ -12,6 +12,8 @@ run PyTorch's integer kernels, so the quantized model actually saves memory and 
   Int8StaticLinear      int8 per-channel weights x 8-bit per-tensor static activations (the
                         calibrated scale and zero point), on CPU: one fused quantization of the
                         input, torch._int_mm, the zero point folded into the bias
+  Fp8DynamicLinear      FP8 E4M3 per-channel weights x FP8 E4M3 per-token activations quantized on
+                        the fly: torch._scaled_mm with row-wise scales (CUDA from sm_89, and CPU)
 
 Each computes the same function as the fake-quantized layer it replaces, up to float rounding
 (the tests bound the difference). Layers whose scheme has no kernel stay fake-quantized, and
@@ -26,6 +28,7 @@ import torch.nn as nn
 
 from . import native
 from .arch import decoder_blocks, shared_inputs
+from .formats import FP8_MAX
 from .modules import Quantizer, QuantLinear, quant_modules, replace_module
 
 INT4_GROUPS = (32, 64, 128, 256)
@@ -35,7 +38,7 @@ INT4_GROUPS = (32, 64, 128, 256)
 class IntLayer:
     """A quantized linear layer as integers: what the kernels are built from, either from a
     QuantLinear (`of`) or straight from a checkpoint's packed codes (no float weight on the way)."""
-    codes: torch.Tensor  # integer codes, laid out as the weight scheme lays out (out, in)
+    codes: torch.Tensor | None  # integer (or E4M3) codes, laid out as the weight scheme lays out (out, in); None for formats without a kernel
     weight_quant: Quantizer
     act_quant: Quantizer | None
     bias: torch.Tensor | None
@@ -44,11 +47,13 @@ class IntLayer:
 
     @classmethod
     def of(cls, q: QuantLinear) -> "IntLayer":
-        return cls(q.weight_quant.int_repr(q.weight), q.weight_quant, q.act_quant, q.bias, q.in_features, q.out_features)
+        fmt = q.weight_quant.scheme.format
+        codes = q.weight_quant.int_repr(q.weight) if fmt == "int" else fp8_codes(q) if fmt == "fp8" else None
+        return cls(codes, q.weight_quant, q.act_quant, q.bias, q.in_features, q.out_features)
 
     @property
     def is_cuda(self) -> bool:
-        return self.codes.is_cuda
+        return self.weight_quant.scale.is_cuda
 
 
 class Int8WeightOnlyLinear(nn.Module):
@@ -327,11 +332,57 @@ class Int8StaticLinear(nn.Module):
         return y.to(x.dtype if x.is_floating_point() else torch.float32).reshape(*shape, -1)
 
 
+class Fp8DynamicLinear(nn.Module):
+    """y = (x_q s_x) (W_q s_w)^T + b with W_q, x_q on the E4M3 grid: torch._scaled_mm multiplies the
+    FP8 codes with float32 accumulation and applies both row-wise scales in its epilogue. The
+    activation codes are made as the fake quantizer makes them (x / s_x, s_x = row absmax / 448,
+    rounded by the cast), so only the summation order differs from the fake-quant layer; on CUDA
+    the row-wise kernel writes bfloat16, which rounds the output."""
+
+    def __init__(self, q: IntLayer):
+        super().__init__()
+        # _scaled_mm wants its second operand column-major: the (out, in) codes transposed is
+        self.register_buffer("weight_fp8_t", q.codes.reshape(q.out_features, q.in_features).t())
+        self.register_buffer("scale", q.weight_quant.scale.reshape(1, -1).float().contiguous())
+        self.bias = None if q.bias is None else nn.Parameter(q.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x):
+        x2 = x.reshape(-1, x.shape[-1])
+        cached = _last_fp8.get(x)
+        if cached is None:
+            x_scale = (x2.abs().amax(-1, keepdim=True).float() / FP8_MAX).clamp_(min=1e-12)
+            cached = (x2.float() / x_scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), x_scale
+            _last_fp8.put(x, cached)
+        x_fp8, x_scale = cached
+        out_dtype = torch.bfloat16 if x.is_cuda else torch.float32  # (CUDA's row-wise kernel writes bfloat16 only)
+        y = torch._scaled_mm(x_fp8, self.weight_fp8_t, scale_a=x_scale, scale_b=self.scale, out_dtype=out_dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+_last_fp8 = _SameInput()  # as _last_codes, for the FP8 codes of q/k/v's and gate/up's shared input
+
+
+def fp8_codes(q: QuantLinear) -> torch.Tensor:
+    """The weight's E4M3 codes (W / per-channel scale, rounded and saturated as the cast does)."""
+    scale = q.weight_quant.scale.reshape(-1, 1).float()
+    return (q.weight.detach().float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
 def kernel_for(q: IntLayer):
-    """(module class, None) for a layer that has an integer kernel, else (None, reason)."""
+    """(module class, None) for a layer that has an integer (or FP8) kernel, else (None, reason)."""
     w, a = q.weight_quant.scheme, q.act_quant.scheme if q.act_quant is not None else None
+    if w.format == "fp8" and a is not None and a.format == "fp8":
+        if not (w.granularity == "channel" and w.axis in (0, -2) and a.dynamic and a.granularity == "token"):
+            return None, f"the FP8 kernel takes per-channel weights and dynamic per-token activations, not {w.describe()} x {a.describe()}"
+        if q.in_features % 16 or q.out_features % 16:
+            return None, f"the FP8 GEMM needs in and out features divisible by 16, got {q.in_features}, {q.out_features}"
+        if q.is_cuda and torch.cuda.get_device_capability(q.weight_quant.scale.device) < (8, 9):
+            return None, "FP8 matrix multiplication needs a GPU of compute capability 8.9 or newer"
+        return Fp8DynamicLinear, None
     if any(sch is not None and sch.format != "int" for sch in (w, a)):
-        return None, "integer kernels only (a floating-point format stays fake-quantized)"
+        return None, "no kernel for this floating-point format (FP8 W8A8 per-channel x per-token has one)"
     int8_channel = w.bits == 8 and w.symmetric and w.signed and w.granularity == "channel" and w.axis in (0, -2)
     if a is not None:
         if a.bits == 8 and a.granularity == "tensor" and not a.dynamic:

@@ -8,7 +8,8 @@ from conftest import DATA
 
 from quant import QScheme, calibrate, native, quantize_linears
 from quant import float_size_bytes as weight_bytes
-from quant.kernels import Int4WeightOnlyLinear, Int8DynamicLinear, Int8StaticLinear, Int8WeightOnlyLinear, convert_to_int
+from quant.kernels import (Fp8DynamicLinear, Int4WeightOnlyLinear, Int8DynamicLinear, Int8StaticLinear, Int8WeightOnlyLinear,
+                           convert_to_int)
 
 CASES = [
     (QScheme(8, granularity="channel"), None, Int8WeightOnlyLinear),
@@ -19,6 +20,7 @@ CASES = [
     (QScheme(8, granularity="channel"), QScheme(8, symmetric=False, signed=False), Int8StaticLinear),
     (QScheme(8, granularity="channel"), QScheme(8, symmetric=False), Int8StaticLinear),
     (QScheme(8, granularity="channel"), QScheme(8), Int8StaticLinear),
+    (QScheme(8, granularity="channel", format="fp8"), QScheme(8, granularity="token", format="fp8"), Fp8DynamicLinear),
 ]
 
 
@@ -35,6 +37,8 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 def test_converted_matches_fake_quant(w, a, cls, device):
     if cls is Int8StaticLinear and device == "cuda":
         pytest.skip("the static int8 kernel is the CPU quantized engine's")
+    if cls is Fp8DynamicLinear and device == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 matrix multiplication needs compute capability 8.9")
     model = mlp().to(device)
     quantize_linears(model, w, a)
     if a is not None and not a.dynamic:
@@ -47,8 +51,9 @@ def test_converted_matches_fake_quant(w, a, cls, device):
     assert report == {"0": cls.__name__, "2": cls.__name__}
     assert isinstance(model[0], cls)
     # stated tolerance: float accumulation order only, 1e-5 of the output scale; PyTorch's int4
-    # kernels (on CUDA) take bfloat16 activations (8 significant bits), hence 1e-2 there
-    tol = 1e-2 if cls is Int4WeightOnlyLinear and device == "cuda" else 1e-5
+    # kernels (on CUDA) take bfloat16 activations (8 significant bits), and CUDA's row-wise FP8
+    # kernel writes bfloat16, hence 1e-2 there
+    tol = 1e-2 if cls in (Int4WeightOnlyLinear, Fp8DynamicLinear) and device == "cuda" else 1e-5
     assert torch.allclose(out, ref, rtol=0, atol=tol * float(ref.abs().max()))
 
 
@@ -92,6 +97,29 @@ def test_int4_without_compiler_uses_pytorch_kernel(monkeypatch):
     model = nn.Sequential(nn.Linear(64, 40))
     quantize_linears(model, QScheme(4, granularity="group", group_size=32))
     assert "multiple of 16" in convert_to_int(model)["0"]
+
+
+def test_fp8_kernel_codes_and_refusals():
+    """The FP8 layer holds the E4M3 codes of W / s_w (what a float8_e4m3fn cast gives), a quarter of
+    float32's bytes; schemes the kernel does not take stay fake-quantized with the reason."""
+    from quant.formats import round_fp8
+    model = mlp()
+    fp8_w, fp8_a = QScheme(8, granularity="channel", format="fp8"), QScheme(8, granularity="token", format="fp8")
+    quantize_linears(model, fp8_w, fp8_a)
+    w, s = model[0].weight.detach(), model[0].weight_quant.scale.reshape(-1, 1)
+    assert convert_to_int(model) == {"0": "Fp8DynamicLinear", "2": "Fp8DynamicLinear"}
+    codes = model[0].weight_fp8_t.t()
+    assert codes.dtype == torch.float8_e4m3fn
+    assert torch.equal(codes.float(), round_fp8(w / s))
+    for w_s, a_s, why in [(fp8_w, None, "floating-point format"),
+                          (QScheme(8, granularity="tensor", format="fp8"), fp8_a, "per-channel weights"),
+                          (fp8_w, QScheme(4, granularity="token", format="nvfp4"), "floating-point format")]:
+        model = nn.Sequential(nn.Linear(64, 48))
+        quantize_linears(model, w_s, a_s)
+        assert why in convert_to_int(model)["0"]
+    model = nn.Sequential(nn.Linear(64, 40))
+    quantize_linears(model, fp8_w, fp8_a)
+    assert "divisible by 16" in convert_to_int(model)["0"]
 
 
 def test_unsupported_layers_stay_fake_quant_with_reason():
