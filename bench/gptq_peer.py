@@ -57,7 +57,6 @@ def quantize_ours(model, calib, spec):
 
 
 def quantize_llmcompressor(model, calib, spec):
-    from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
 
@@ -66,7 +65,8 @@ def quantize_llmcompressor(model, calib, spec):
                "group_size": spec["group_size"], "observer": spec["ranges"]}
     modifier = GPTQModifier(config_groups={"g": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"],
                             actorder="static", dampening_frac=0.01, block_size=128)
-    dataset = Dataset.from_dict({"input_ids": calib.tolist()})
+    from peers import calibration_loader
+    dataset = calibration_loader(calib, spec["batch_size"])
     oneshot(model=model, processor=load_tokenizer(spec["model_name"]), dataset=dataset, recipe=modifier,
             num_calibration_samples=len(calib), max_seq_length=calib.shape[1], batch_size=spec["batch_size"],
             shuffle_calibration_samples=False, pipeline="sequential")

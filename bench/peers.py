@@ -50,6 +50,16 @@ def run_worker(script: str, python: str, spec: dict, name: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def calibration_loader(calib, batch_size: int):
+    """The calibration windows as a DataLoader of {input_ids, attention_mask} batches in their order,
+    for a peer's oneshot: handed a DataLoader, llm-compressor uses it as it is (no tokenization,
+    no `datasets` map, whose fingerprint pickling failed on Python 3.12 with pyarrow 26)."""
+    import torch
+    from torch.utils.data import DataLoader
+    rows = [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in calib]
+    return DataLoader(rows, batch_size=batch_size, shuffle=False)
+
+
 def device_name(device: str) -> str:
     import torch
     return torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"

@@ -44,7 +44,6 @@ def quantize_ours(model, calib, spec):
 
 def quantize_llmcompressor(model, calib, spec):
     import llmcompressor
-    from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from llmcompressor.modifiers.transform import SpinQuantModifier
@@ -63,7 +62,8 @@ def quantize_llmcompressor(model, calib, spec):
     recipe = [quant]
     if spec["rotation"] == "hadamard":
         recipe.insert(0, SpinQuantModifier(rotations=["R1", "R2", "R4"], transform_type="random-hadamard"))
-    dataset = Dataset.from_dict({"input_ids": calib.tolist()})
+    from peers import calibration_loader
+    dataset = calibration_loader(calib, spec["batch_size"])
     oneshot(model=model, processor=load_tokenizer(spec["model_name"]), dataset=dataset, recipe=recipe,
             num_calibration_samples=len(calib), max_seq_length=calib.shape[1], batch_size=spec["batch_size"],
             shuffle_calibration_samples=False, pipeline="sequential")

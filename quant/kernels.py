@@ -19,6 +19,7 @@ Each computes the same function as the fake-quantized layer it replaces, up to f
 (the tests bound the difference). Layers whose scheme has no kernel stay fake-quantized, and
 `convert_to_int` says which and why.
 """
+import functools
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -364,6 +365,17 @@ class Fp8DynamicLinear(nn.Module):
 _last_fp8 = _SameInput()  # as _last_codes, for the FP8 codes of q/k/v's and gate/up's shared input
 
 
+@functools.cache
+def _cpu_rowwise_fp8() -> bool:
+    """Whether torch._scaled_mm takes row-wise scales on the CPU (it does from PyTorch 2.13; 2.11 refused)."""
+    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.float32)
+        return True
+    except RuntimeError:
+        return False
+
+
 def fp8_codes(q: QuantLinear) -> torch.Tensor:
     """The weight's E4M3 codes (W / per-channel scale, rounded and saturated as the cast does)."""
     scale = q.weight_quant.scale.reshape(-1, 1).float()
@@ -380,6 +392,8 @@ def kernel_for(q: IntLayer):
             return None, f"the FP8 GEMM needs in and out features divisible by 16, got {q.in_features}, {q.out_features}"
         if q.is_cuda and torch.cuda.get_device_capability(q.weight_quant.scale.device) < (8, 9):
             return None, "FP8 matrix multiplication needs a GPU of compute capability 8.9 or newer"
+        if not q.is_cuda and not _cpu_rowwise_fp8():
+            return None, f"this PyTorch's ({torch.__version__}) CPU torch._scaled_mm takes per-tensor scales only"
         return Fp8DynamicLinear, None
     if any(sch is not None and sch.format != "int" for sch in (w, a)):
         return None, "no kernel for this floating-point format (FP8 W8A8 per-channel x per-token has one)"
