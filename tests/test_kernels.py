@@ -8,7 +8,7 @@ from conftest import DATA
 
 from quant import QScheme, calibrate, native, quantize_linears
 from quant import float_size_bytes as weight_bytes
-from quant.kernels import (Fp8DynamicLinear, Int4WeightOnlyLinear, Int8DynamicLinear, Int8StaticLinear, Int8WeightOnlyLinear,
+from quant.kernels import (Fp8DynamicLinear, _cpu_rowwise_fp8, Int4WeightOnlyLinear, Int8DynamicLinear, Int8StaticLinear, Int8WeightOnlyLinear,
                            convert_to_int)
 
 CASES = [
@@ -39,6 +39,8 @@ def test_converted_matches_fake_quant(w, a, cls, device):
         pytest.skip("the static int8 kernel is the CPU quantized engine's")
     if cls is Fp8DynamicLinear and device == "cuda" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 matrix multiplication needs compute capability 8.9")
+    if cls is Fp8DynamicLinear and device == "cpu" and not _cpu_rowwise_fp8():
+        pytest.skip("this PyTorch's CPU _scaled_mm takes per-tensor scales only")
     model = mlp().to(device)
     quantize_linears(model, w, a)
     if a is not None and not a.dynamic:
@@ -103,6 +105,8 @@ def test_fp8_kernel_codes_and_refusals():
     """The FP8 layer holds the E4M3 codes of W / s_w (what a float8_e4m3fn cast gives), a quarter of
     float32's bytes; schemes the kernel does not take stay fake-quantized with the reason."""
     from quant.formats import round_fp8
+    if not _cpu_rowwise_fp8():
+        pytest.skip("this PyTorch's CPU _scaled_mm takes per-tensor scales only")
     model = mlp()
     fp8_w, fp8_a = QScheme(8, granularity="channel", format="fp8"), QScheme(8, granularity="token", format="fp8")
     quantize_linears(model, fp8_w, fp8_a)
