@@ -502,11 +502,37 @@ def gptaq_sentence(g: pd.DataFrame) -> str | None:
             "MSE, g128 asymmetric: " + "; ".join(parts) + ".")
 
 
+def plain_rows(g: pd.DataFrame) -> pd.Series:
+    """Rows on integer grids, without rotation, with a float KV cache."""
+    return ~g.w_format.isin(["fp8", "mxfp4", "nvfp4"]) & ~g.a_format.isin(["fp8", "mxfp4", "nvfp4"]) \
+        & ~g.rotation.isin(["hadamard"]) & g.kv_bits.isna()
+
+
+def rotation_sentence(g: pd.DataFrame) -> str | None:
+    """Each activation-quantized GPTQ / RTN row with a Hadamard rotation against the same row without."""
+    key = ["method", "method_args", "w_bits", "a_bits", "act", "group_size", "w_symmetric", "w_format", "a_format"]
+    rot = g[g.rotation.isin(["hadamard"]) & g.kv_bits.isna() & (g.act != "none")]
+    parts = []
+    for r in rot.sort_values("timestamp").itertuples():
+        base = g[~g.rotation.isin(["hadamard"]) & g.kv_bits.isna()]
+        for k in key:
+            base = base[base[k] == getattr(r, k)]
+        if len(base):
+            fmt = f" {r.w_format}" if r.w_format in ("fp8", "mxfp4", "nvfp4") else ""
+            parts.append(f"{r.method} W{int(r.w_bits)}A{int(r.a_bits)}{fmt} g{int(r.group_size)} "
+                         f"{base.sort_values('timestamp').perplexity.iloc[-1]:.2f} → {r.perplexity:.2f}")
+    if not parts:
+        return None
+    return "A Hadamard rotation (R1 R2 R4) without → with: " + "; ".join(dict.fromkeys(parts)) + "."
+
+
 def llm_findings(g: pd.DataFrame) -> str:
     mixed = mixed_sentence(g)
     gptaq = gptaq_sentence(main_setting(g))
     g = main_setting(g)
     g = g[~g.mixed & ~g.method_args.str.contains("gptaq")]  # the uniform grids and the algorithms' plain forms
+    rotation = rotation_sentence(g)
+    g = g[plain_rows(g)]  # the sentences below compare integer grids without rotation or a quantized cache
     ppl = lambda **w: one(g, "perplexity", **w)  # noqa: E731
     d = lambda **w: one(g, "Δppl", **w)  # noqa: E731
     fp32 = ppl(method="fp32")
@@ -517,8 +543,9 @@ def llm_findings(g: pd.DataFrame) -> str:
         sentence("One static per-tensor int8 scale per layer input (W8A8 static, min-max) takes perplexity from {:.2f} "
                  "to {:.2f}, while per-token dynamic scales give {:.2f}" + (
                      ": this model's activations have outlier channels, the case SmoothQuant is for."
-                     if (ppl(method="rtn", act="static", observer="minmax") or 0) > 1.5 * (fp32 or float("inf")) else "."),
-                 fp32, ppl(method="rtn", act="static", observer="minmax"), ppl(method="rtn", act="dynamic")),
+                     if (ppl(method="rtn", act="static", observer="minmax", w_bits=8, a_bits=8) or 0) > 1.5 * (fp32 or float("inf")) else "."),
+                 fp32, ppl(method="rtn", act="static", observer="minmax", w_bits=8, a_bits=8),
+                 ppl(method="rtn", act="dynamic", w_bits=8, a_bits=8)),
         sentence("SmoothQuant (with the up→down fold) takes W8A8 static to {:.2f} at its best α ({}).",
                  None if best_sq is None else best_sq.perplexity, None if best_sq is None else best_sq.method_args),
         sentence("Asymmetric weights (a zero point per group) are worth more than any algorithm on the symmetric grid: "
@@ -527,6 +554,7 @@ def llm_findings(g: pd.DataFrame) -> str:
                  d(method="rtn", w_bits=3, act="none", w_symmetric=True), d(method="rtn", w_bits=3, act="none", w_symmetric=False)),
         below_fp32_sentence(g),
         gptaq,
+        rotation,
         mixed,
         sentence("On the asymmetric grid, GPTQ (act-order, true-sequential, MSE ranges) cuts RTN's W4 loss from {:.2f} to "
                  "{:.2f} and its W3 loss from {:.1f} to {:.1f}; AWQ reaches {:.2f} at W4 and {:.1f} at W3.",
@@ -602,8 +630,7 @@ def headline(df: pd.DataFrame) -> str:
     g = main_setting(g)
     gptq_shown = (g.w_observer == "mse") & (~g.method_args.str.contains("gptaq") | g.method_args.str.contains("alpha=0.25"))
     # integer grids, no rotation, a float cache: formats, rotations and KV caches have their tables in docs/results.md
-    plain = ~g.w_format.isin(["fp8", "mxfp4", "nvfp4"]) & ~g.a_format.isin(["fp8", "mxfp4", "nvfp4"]) \
-        & ~g.rotation.isin(["hadamard"]) & g.kv_bits.isna()
+    plain = plain_rows(g)
     keep = (g.method == "fp32") | (plain & (g.act == "none") & ~g.mixed & (g.group_size == 128) & ~g.w_symmetric
                                    & ((g.method != "gptq") | gptq_shown)) \
         | (g.mixed & (g.method == "signround")) \
