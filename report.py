@@ -711,21 +711,44 @@ def peers(command):
     """A method against its reference implementation (`command`, one of bench/*_peer.py): the
     latest row of each run and setting, both sides measured by one command on one device."""
     def section(df, out_dir):
-        key = [c for c in ("w_bits", "group_size", "seed", "batch_size", "iters", "run") if c in df.columns]
+        key = [c for c in ("method", "w_bits", "a_bits", "group_size", "seed", "batch_size", "iters", "run") if c in df.columns]
         last = df.sort_values("time").groupby(key, sort=False, dropna=False).tail(1)
         last = last.sort_values([c for c in ("w_bits", "group_size", "seed", "batch_size") if c in last.columns],
                                 ascending=False, kind="stable")
-        cols = [c for c in ("w_bits", "group_size", "seed", "batch_size", "run", "implementation", "perplexity",
-                            "weight_rel_mse", "quantize_s", "peak_mib", "device_name", "code_version") if c in last.columns]
+        cols = [c for c in ("method", "w_bits", "a_bits", "group_size", "seed", "batch_size", "run", "implementation",
+                            "perplexity", "kld", "top1_agree", "weight_rel_mse", "quantize_s", "peak_mib", "device_name",
+                            "code_version") if c in last.columns]
         t = last[cols].copy()
-        for col, fmt in (("perplexity", "{:.3f}"), ("weight_rel_mse", "{:.5f}"), ("quantize_s", "{:.2f}"), ("peak_mib", "{:.0f}")):
+        for col, fmt in (("perplexity", "{:.3f}"), ("kld", "{:.4f}"), ("top1_agree", "{:.3f}"), ("weight_rel_mse", "{:.5f}"),
+                         ("quantize_s", "{:.2f}"), ("peak_mib", "{:.0f}")):
             if col in t:
                 t[col] = [fmt.format(v) if pd.notna(v) else "" for v in t[col]]
         t = t.astype(object).where(t.notna(), "")
         r = last.iloc[-1]
-        return (f"{r.model}, WikiText-2 test perplexity ({int(r.eval_windows)} windows of {int(r.seq_len)}); quantize_s: "
-                f"the quantize call alone (s). `python {command}`\n\n" + t.to_markdown(index=False, disable_numparse=True))
+        fp32 = f", FP32 {r.fp32_perplexity:.3f}" if "fp32_perplexity" in last and pd.notna(r.fp32_perplexity) else ""
+        kld = "; kld: mean KL divergence from the float model's next-token distribution" if "kld" in last else ""
+        return (f"{r.model}, WikiText-2 test perplexity ({int(r.eval_windows)} windows of {int(r.seq_len)}{fp32}); quantize_s: "
+                f"the quantize call alone (s){kld}. `python {command}`\n\n" + t.to_markdown(index=False, disable_numparse=True))
     return section
+
+
+def fp8(df, out_dir):
+    """FP8 W8A8 layers against bf16, per shape: the latest run on each device."""
+    last = df.sort_values("timestamp").groupby(["device_name", "model", "layer", "tokens", "variant"], sort=False).tail(1)
+    t = last.pivot_table(index=["device_name", "model", "layer", "in_features", "out_features", "tokens"], columns="variant",
+                         values="ms", sort=False).reset_index()
+    diff = last[last.variant == "fp8"].set_index(["device_name", "model", "layer", "tokens"]).max_rel_diff_vs_fake_quant
+    t["fp8 layer vs bf16"] = [f"{b / f:.2f}x" for b, f in zip(t["bf16"], t["fp8"])]
+    t["fp8 GEMM vs bf16"] = [f"{b / f:.2f}x" for b, f in zip(t["bf16"], t["fp8 gemm"])]
+    t["max rel diff"] = [f"{diff.get((r.device_name, r.model, r.layer, r.tokens), float('nan')):.1e}" for r in t.itertuples()]
+    for col in ("bf16", "fp8", "fp8 gemm"):
+        t[col] = [f"{v:.3f}" for v in t[col]]
+    t = t.rename(columns={"bf16": "bf16 ms", "fp8": "fp8 layer ms", "fp8 gemm": "fp8 GEMM ms", "device_name": "device"})
+    return ("One linear layer at a time: bf16 `F.linear` against `Fp8DynamicLinear` (the input quantized per token to E4M3 "
+            "by PyTorch ops, then `torch._scaled_mm` with row-wise scales) and against the FP8 GEMM alone on codes made "
+            "beforehand; max rel diff: the FP8 layer's largest difference from the fake-quant layer it replaces, over "
+            "the output's largest magnitude (bf16 output on CUDA). `python bench/fp8_matmul.py --device cuda`\n\n"
+            + t.to_markdown(index=False, disable_numparse=True) + "\n")
 
 
 SECTIONS = [("ptq_nn", "MNIST PTQ", ptq_nn), ("qat_nn", "MNIST QAT", qat_nn), ("ptq_llm", "Causal-LM PTQ", ptq_llm),
@@ -734,7 +757,10 @@ SECTIONS = [("ptq_nn", "MNIST PTQ", ptq_nn), ("qat_nn", "MNIST QAT", qat_nn), ("
             ("bench_llm", "Speed benchmark (llm)", bench),
             ("bench_gptq", "GPTQ against llm-compressor", peers("bench/gptq_peer.py --device cuda --seed S")),
             ("bench_hqq", "HQQ against the hqq package", peers("bench/hqq_peer.py --device cuda")),
-            ("bench_signround", "SignRound against AutoRound", peers("bench/signround_peer.py --device cuda"))]
+            ("bench_signround", "SignRound against AutoRound", peers("bench/signround_peer.py --device cuda")),
+            ("bench_rotation", "Hadamard rotation against llm-compressor's SpinQuant transforms",
+             peers("bench/rotation_peer.py --device cuda")),
+            ("bench_fp8", "FP8 W8A8 layers against bf16", fp8)]
 DOCS_HEAD = """# Results
 
 Generated by `python report.py` from the CSVs in `results/`; do not edit by hand. Each table shows
