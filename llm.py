@@ -286,11 +286,15 @@ def evaluate(model, windows: torch.Tensor, batch_size: int, device: str, progres
     stats the mean NLL of each window (the units of the intervals); against a FloatReference, each
     token's KL divergence from the float model and whether both predict the same next token; with
     keep_reference=K, this model's own FloatReference with K top tokens and K draws (the float pass
-    keeps it for the others)."""
+    keeps it for the others). Under torchrun each rank scores its share of the windows
+    (quant.distributed) and every rank returns the totals, per-window values in window order; a
+    FloatReference holds the rank's own windows."""
+    from quant import distributed
     nll, count = 0.0, 0
     window_nll, kld, top1 = [], [], []
     own = FloatReference(keep_reference, keep_reference) if keep_reference else None
     pos = 0
+    windows = windows[distributed.rank()::distributed.world()]
     for i in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, leave=False):
         batch = windows[i:i + batch_size].to(device)
         logits = model(batch).logits[:, :-1].float()
@@ -308,15 +312,19 @@ def evaluate(model, windows: torch.Tensor, batch_size: int, device: str, progres
             kld.append(k.cpu())
             top1.append(t.cpu())
         pos += target.numel()
+    nll, count = distributed.total(nll), distributed.total(count)
     out = {"perplexity": float(torch.exp(torch.tensor(nll / count)))}
     if stats:
-        out["window_nll"] = torch.cat(window_nll).double().numpy()
+        mine = torch.cat(window_nll).double().tolist() if window_nll else []
+        out["window_nll"] = torch.tensor(distributed.gather_windows(mine), dtype=torch.float64).numpy()
         out["reference"] = own.done() if own is not None else None
         if reference is not None:
-            kld = torch.cat(kld).double()
-            out["kld_tokens"] = kld.numpy()
-            out["kld_window"] = kld.reshape(len(windows), -1).mean(1).numpy()
-            out["top1_agree"] = float(torch.cat(top1).double().mean())
+            mine = torch.cat(kld).double().reshape(len(windows), -1).tolist() if kld else []
+            kld = torch.tensor(distributed.gather_windows(mine), dtype=torch.float64)
+            out["kld_tokens"] = kld.reshape(-1).numpy()
+            out["kld_window"] = kld.mean(1).numpy()
+            top1 = torch.cat(top1).double() if top1 else torch.zeros(0, dtype=torch.float64)
+            out["top1_agree"] = distributed.total(float(top1.sum())) / distributed.total(top1.numel())
     return out
 
 

@@ -38,6 +38,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 
 import numpy as np
@@ -72,6 +73,7 @@ from llm import (
     tokenize,
     wikitext_text,
 )
+from quant import distributed
 from quant import QScheme, Recipe, float_size_bytes, quant_modules, quantize_model, quantized_size_bytes, save_quantized
 from quant.arch import weight_matrix
 from quant.checkpoint import atomic_path, bits_per_weight
@@ -373,7 +375,17 @@ def main(argv=None):
     if (args.save_model or args.export) and (set(args.rotation) - {"none"} or args.kv_bits):
         raise UsageError("--save_model / --export write the weights alone: a rotation's online transforms and a "
                          "quantized KV cache are not part of them; drop --save_model / --export or --rotation / --kv_bits")
-    device = pick_device(args.device)
+    device = distributed.init(pick_device(args.device))  # under torchrun: this rank's device (quant.distributed)
+    if distributed.world() > 1:
+        if args.device_map or args.save_model or args.export or args.budget_bits or args.budget_bytes:
+            raise UsageError("under torchrun, ranks calibrate and evaluate a model each holds whole: drop --device_map, "
+                             "--save_model, --export and --budget_bits / --budget_bytes, or run one process")
+        if args.calib_samples // args.batch_size < distributed.world():
+            raise UsageError(f"{args.calib_samples} calibration windows in batches of {args.batch_size} give fewer batches "
+                             f"than the {distributed.world()} ranks: each rank needs one")
+        if not distributed.is_main():  # one rank speaks and writes; the others compute
+            sys.stdout = open(os.devnull, "w")
+            args.no_progress = True
     dtype = DTYPES[args.dtype]
 
     # everything that can fail before the weights load fails first: outputs, data, tokenizer, context
@@ -464,8 +476,9 @@ def main(argv=None):
     fp32_ppl, fp32_eval = None, None
 
     def record(row):  # each row lands as soon as it exists: a later failure loses nothing
-        row.update(peak_rss_mb=peak_rss_mb(), peak_gpu_mb=peak_gpu_mb(device), **base)
-        results.add(row)
+        row.update(peak_rss_mb=peak_rss_mb(), peak_gpu_mb=peak_gpu_mb(device), world_size=distributed.world(), **base)
+        if distributed.is_main():
+            results.add(row)
 
     if not args.skip_fp32:
         t0 = time.time()

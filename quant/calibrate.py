@@ -6,6 +6,7 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .modules import QuantLinear
 from .observers import make_observer
 
@@ -50,9 +51,10 @@ def calibrate(model: torch.nn.Module, batches, observer: str = "minmax", forward
     finally:
         for h in hooks:
             h.remove()
-    if count == 0:
+    if distributed.total(count) == 0:
         raise ValueError("calibration got no batches")
-    for n, m in layers.items():
+    for n, m in layers.items():  # (the same order on every rank)
+        observers[n].reduce()
         scale, zp = observers[n].qparams()
         m.act_quant.set_qparams(scale.to(m.weight.device), zp.to(m.weight.device))
     return count

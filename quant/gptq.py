@@ -17,6 +17,7 @@ import copy
 
 import torch
 
+from . import distributed
 from .fake_quant import fake_quantize_prepared
 from .formats import fake_quantize_format
 from .observers import _mse_best_ratio
@@ -24,26 +25,42 @@ from .scheme import QScheme, qparams_from_range, row_qparams
 
 
 class Hessian:
-    """Running H = 2/n * sum x x^T over every input row seen (bounded: in x in floats); given the
-    float model's inputs for the same rows too, also D = 2/n * sum (x_float - x) x^T (GPTAQ)."""
+    """H = 2/n * sum x x^T over every input row seen (bounded: in x in floats); given the float
+    model's inputs for the same rows too, also D = 2/n * sum (x_float - x) x^T (GPTAQ). The sums
+    are float64, so that how the rows are split into batches (or over the ranks of a data-parallel
+    run) changes H by ~1e-16, not float32's ~1e-7: GPTQ's rounding decisions, which such small
+    changes of H can flip, then do not depend on it."""
 
     def __init__(self, in_features: int, device=None):
-        self.H = torch.zeros(in_features, in_features, device=device, dtype=torch.float32)
-        self.D = None
+        self.S = torch.zeros(in_features, in_features, device=device, dtype=torch.float64)
+        self.T = None
         self.n = 0
 
     def add(self, x: torch.Tensor, x_float: torch.Tensor | None = None) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        m = x.shape[0]
-        keep = self.n / (self.n + m)
-        self.H *= keep
-        self.n += m
+        x = x.reshape(-1, x.shape[-1]).double()
+        self.n += x.shape[0]
         if x_float is not None:
-            dx = x_float.reshape(-1, x.shape[-1]).float() - x
-            self.D = torch.zeros_like(self.H) if self.D is None else self.D.mul_(keep)
-            self.D += (2.0 / self.n) * (dx.t() @ x)
-        x = x * (2.0 / self.n) ** 0.5
-        self.H += x.t() @ x
+            dx = x_float.reshape(-1, x.shape[-1]).double() - x
+            self.T = torch.zeros_like(self.S) if self.T is None else self.T
+            self.T += dx.t() @ x
+        self.S += x.t() @ x
+
+    @property
+    def H(self) -> torch.Tensor:
+        return (self.S * (2.0 / max(self.n, 1))).float()
+
+    @property
+    def D(self) -> torch.Tensor | None:
+        return None if self.T is None else (self.T * (2.0 / max(self.n, 1))).float()
+
+    def reduce(self) -> None:
+        """Sum over the ranks of a data-parallel run (quant.distributed)."""
+        if distributed.world() == 1:
+            return
+        self.n = int(distributed.total(float(self.n)))
+        for t in (self.S, self.T):
+            if t is not None:
+                distributed.all_reduce_(t)
 
 
 def gptaq_target(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, percdamp: float, alpha: float = 1.0) -> torch.Tensor:
@@ -182,6 +199,17 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QScheme, block_size:
     return Q, scales[0, 0], zeros[0, 0]
 
 
+def _result_shapes(W: torch.Tensor, scheme: QScheme) -> list:
+    """The shapes of what gptq_quantize returns for W: Q, scale, zero point."""
+    out_f, in_f = W.shape
+    if scheme.granularity == "group":
+        n_groups = -(-in_f // scheme.group_size)
+        return [W.shape, (out_f, n_groups, 1), (out_f, n_groups, 1)]
+    if scheme.granularity == "channel":
+        return [W.shape, (out_f, 1), (out_f, 1)]
+    return [W.shape, (), ()]
+
+
 @torch.no_grad()
 def gptq_block(block, inputs: list, scheme_for, a_scheme=None, skip=(), float_inputs: list | None = None,
                gptaq_alpha: float = 1.0, **gptq_kwargs) -> None:
@@ -205,6 +233,7 @@ def gptq_block(block, inputs: list, scheme_for, a_scheme=None, skip=(), float_in
         for n in names[1:]:
             owner[n] = names[0]
     float_block = copy.deepcopy(block) if float_inputs is not None else None
+    solves = 0
     for lead in dict.fromkeys(owner.values()):  # group leaders, in block order
         hessian = Hessian(weight_matrix(linears[lead]).shape[1], device=linears[lead].weight.device)
         with activation_quant_disabled(block):
@@ -215,6 +244,9 @@ def gptq_block(block, inputs: list, scheme_for, a_scheme=None, skip=(), float_in
                     got = []
                     collect_inputs(float_block, [finp], {lead: float_block.get_submodule(lead)}, lambda name, x: got.append(x))
                     collect_inputs(block, [inp], {lead: block.get_submodule(lead)}, lambda name, x: hessian.add(x, got[0]))
+        if hessian.T is None and float_block is not None and distributed.world() > 1:
+            hessian.T = torch.zeros_like(hessian.S)  # (a rank without batches still takes part in D's sum)
+        hessian.reduce()
         names = [n for n in linears if owner[n] == lead]
         schemes = {n: scheme_for(n, linears[n]) for n in names}
         # GPTQ treats every row alike given H, so the layers sharing H (q/k/v, gate/up) are
@@ -225,9 +257,17 @@ def gptq_block(block, inputs: list, scheme_for, a_scheme=None, skip=(), float_in
         for batch in [names] if stack else [[n] for n in names]:
             ws = [weight_matrix(linears[n]) for n in batch]
             W = torch.cat(ws) if stack else ws[0]
-            if hessian.D is not None:
-                W = gptaq_target(W, hessian.H, hessian.D, gptq_kwargs.get("percdamp", 0.01), gptaq_alpha)
-            q, scale, zp = gptq_quantize(W, hessian.H, schemes[batch[0]], **gptq_kwargs)
+            solver = solves % distributed.world()  # one rank solves, in turn; the others receive its result
+            solves += 1
+            if distributed.rank() == solver:
+                H = hessian.H
+                if hessian.T is not None:
+                    W = gptaq_target(W, H, hessian.D, gptq_kwargs.get("percdamp", 0.01), gptaq_alpha)
+                q, scale, zp = gptq_quantize(W, H, schemes[batch[0]], **gptq_kwargs)
+            else:
+                q, scale, zp = (torch.empty(shape, device=W.device) for shape in _result_shapes(W, schemes[batch[0]]))
+            for t in (q, scale, zp):
+                distributed.broadcast_(t, solver)
             rows = [w.shape[0] for w in ws]
             parts = zip(q.split(rows), scale.split(rows), zp.split(rows)) if stack else [(q, scale, zp)]
             for name, (q, scale, zp) in zip(batch, parts):

@@ -16,6 +16,7 @@ import math
 import numpy as np
 import torch
 
+from . import distributed
 from .fake_quant import fake_quantize
 from .scheme import QScheme, check_finite, qparams_from_range
 
@@ -46,6 +47,11 @@ class Observer:
     def observe(self, x: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def reduce(self) -> None:
+        """Combine what every rank of a data-parallel run observed (quant.distributed), exactly."""
+        if distributed.world() > 1:
+            raise ValueError(f"{type(self).__name__} cannot be reduced exactly across ranks")
+
     def range(self):
         """(min, max) clip range, each of shape (rows,)."""
         raise NotImplementedError
@@ -69,6 +75,12 @@ class MinMaxObserver(Observer):
         self.min = lo if self.min is None else torch.minimum(self.min, lo)
         self.max = hi if self.max is None else torch.maximum(self.max, hi)
 
+    def reduce(self):
+        if distributed.world() > 1:  # (every rank has observed a batch: ptq_llm gives each at least one)
+            distributed.all_reduce_(self.min, "min")
+            distributed.all_reduce_(self.max, "max")
+            self.count = int(distributed.total(self.count))
+
     def range(self):
         return self.min, self.max
 
@@ -81,6 +93,8 @@ class EMAObserver(MinMaxObserver):
         if not 0 < averaging_constant <= 1:
             raise ValueError(f"averaging_constant must be in (0, 1], got {averaging_constant}")
         self.c = averaging_constant
+
+    reduce = Observer.reduce  # (a running average depends on the order of the batches)
 
     def observe(self, x):
         rows = self._rows(x)

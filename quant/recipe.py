@@ -282,10 +282,18 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib=None, progress: bool 
     of the already-quantized blocks before it). For method "qat" the model comes back with float
     weights under fake quantization, ready to train; call `.freeze()` on its quant modules after.
     A rotation is applied to the float model before anything else, a KV-cache scheme after.
+    Under torchrun (quant.distributed) each rank passes the same batches and calibrates on its
+    share of them; the statistics are reduced, so every rank ends with the same quantized model.
     """
+    from . import distributed
+    distributed.check_recipe(recipe)
     batches = None if calib is None else list(calib)
     if recipe.needs_calibration and not batches:
         raise ValueError(f"{recipe.describe()} needs calibration batches (calib=...)")
+    if batches is not None and distributed.world() > 1:  # data-parallel: this rank's share (quant.distributed)
+        if len(batches) < distributed.world():
+            raise ValueError(f"{len(batches)} calibration batches for {distributed.world()} ranks: each rank needs one")
+        batches = distributed.shard(batches)
     if recipe.rotation == "hadamard":  # the float model first: every method then calibrates the rotated one
         from .rotation import rotate_model
         rotate_model(model)

@@ -14,6 +14,7 @@ rows of a linear) is divided by s, which leaves the float model's function uncha
 import torch
 import torch.nn as nn
 
+from . import distributed
 from .arch import fold_scales, is_linear, scale_groups, weight_matrix
 from .fake_quant import round_to_nearest
 from .modules import QuantLinear, replace_module
@@ -35,6 +36,10 @@ def smooth_block(block: nn.Module, inputs: list, alpha: float = 0.5) -> dict:
         a = x.detach().reshape(-1, x.shape[-1]).abs().amax(0).float()
         amax[name] = a if name not in amax else torch.maximum(amax[name], a)
     collect_inputs(block, inputs, {c_name: c for c_name, c in first.values()}, observe)
+    for c_name, c in first.values():  # (in block order on every rank; a rank without batches sends zeros)
+        if c_name not in amax:
+            amax[c_name] = torch.zeros(weight_matrix(c).shape[1], device=weight_matrix(c).device)
+        distributed.all_reduce_(amax[c_name], "max")
     applied = {}
     for prod_name, prod, cons in groups:
         a = amax[first[prod_name][0]].clamp(min=1e-5)
