@@ -380,7 +380,7 @@ def main(argv=None):
         if args.device_map or args.save_model or args.export or args.budget_bits or args.budget_bytes:
             raise UsageError("under torchrun, ranks calibrate and evaluate a model each holds whole: drop --device_map, "
                              "--save_model, --export and --budget_bits / --budget_bytes, or run one process")
-        if args.calib_samples // args.batch_size < distributed.world():
+        if -(-args.calib_samples // args.batch_size) < distributed.world():
             raise UsageError(f"{args.calib_samples} calibration windows in batches of {args.batch_size} give fewer batches "
                              f"than the {distributed.world()} ranks: each rank needs one")
         if not distributed.is_main():  # one rank speaks and writes; the others compute
@@ -433,6 +433,8 @@ def main(argv=None):
         check_writable(args.models_dir, "--models_dir")
     tok = load_tokenizer(args.model_name, args.gguf_file)
     windows = eval_windows(tokenize(tok, test_text), args.seq_len, args.eval_samples)
+    if len(windows) < distributed.world():
+        raise UsageError(f"{len(windows)} test windows for {distributed.world()} ranks: each rank needs one")
     calib_ids = tokenize(tok, calib_text)
     seeds = [a.seed for a in per_seed(args)]
     calibs = {seed: calib_windows(calib_ids, args.calib_samples, args.seq_len, seed) for seed in seeds}
