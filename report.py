@@ -711,11 +711,13 @@ def peers(command):
     """A method against its reference implementation (`command`, one of bench/*_peer.py): the
     latest row of each run and setting, both sides measured by one command on one device."""
     def section(df, out_dir):
-        key = [c for c in ("method", "w_bits", "a_bits", "group_size", "seed", "batch_size", "iters", "run") if c in df.columns]
+        key = [c for c in ("method", "w_bits", "a_bits", "w_symmetric", "group_size", "seed", "batch_size", "iters", "eval_windows",
+                           "calib_samples", "device_name", "run") if c in df.columns]
         last = df.sort_values("time").groupby(key, sort=False, dropna=False).tail(1)
         last = last.sort_values([c for c in ("w_bits", "group_size", "seed", "batch_size") if c in last.columns],
                                 ascending=False, kind="stable")
-        cols = [c for c in ("method", "w_bits", "a_bits", "group_size", "seed", "batch_size", "run", "implementation",
+        cols = [c for c in ("method", "w_bits", "a_bits", "w_symmetric", "group_size", "seed", "batch_size", "calib_samples",
+                            "eval_windows", "run", "implementation",
                             "perplexity", "kld", "top1_agree", "weight_rel_mse", "quantize_s", "peak_mib", "device_name",
                             "code_version") if c in last.columns]
         t = last[cols].copy()

@@ -1,6 +1,6 @@
 """Hadamard rotation for W4A4, ours against llm-compressor's SpinQuant transforms, side by side: the
-same model, calibration windows, test windows, device and scheme (W{--bits} symmetric per group of
---group_size, A{--a_bits} asymmetric per token, dynamic; GPTQ with static act-order, dampening
+same model, calibration windows, test windows, device and scheme (W{--bits} per group of --group_size,
+symmetric or with --w_asym asymmetric, A{--a_bits} asymmetric per token, dynamic; GPTQ with static act-order, dampening
 0.01, blocks of 128 columns, min-max ranges; or RTN), in one command.
 
     python bench/rotation_peer.py --device cuda                       # -> results/bench_rotation.csv
@@ -35,7 +35,7 @@ RUNS = {"ours none": ("ours", "none"), "ours hadamard": ("ours", "hadamard"),
 
 def quantize_ours(model, calib, spec):
     from quant import QScheme, Recipe, quantize_model
-    recipe = Recipe(weight=QScheme(spec["bits"], granularity="group", group_size=spec["group_size"]),
+    recipe = Recipe(weight=QScheme(spec["bits"], symmetric=not spec["w_asym"], granularity="group", group_size=spec["group_size"]),
                     activation=QScheme(spec["a_bits"], symmetric=False, granularity="token"), method=spec["method"],
                     method_args={"act_order": True} if spec["method"] == "gptq" else {}, rotation=spec["rotation"])
     quantize_model(model, recipe, calib.split(spec["batch_size"]), progress=False)
@@ -50,7 +50,7 @@ def quantize_llmcompressor(model, calib, spec):
 
     from llm import load_tokenizer
     scheme = {"targets": ["Linear"],
-              "weights": {"num_bits": spec["bits"], "type": "int", "symmetric": True, "strategy": "group",
+              "weights": {"num_bits": spec["bits"], "type": "int", "symmetric": not spec["w_asym"], "strategy": "group",
                           "group_size": spec["group_size"], "observer": "memoryless_minmax"},
               "input_activations": {"num_bits": spec["a_bits"], "type": "int", "symmetric": False, "strategy": "token",
                                     "dynamic": True}}
@@ -68,7 +68,8 @@ def quantize_llmcompressor(model, calib, spec):
             num_calibration_samples=len(calib), max_seq_length=calib.shape[1], batch_size=spec["batch_size"],
             shuffle_calibration_samples=False, pipeline="sequential")
     how = (("SpinQuantModifier R1 R2 R4 random-hadamard + " if spec["rotation"] == "hadamard" else "")
-           + f"{type(quant).__name__} W{spec['bits']} g{spec['group_size']} sym A{spec['a_bits']} token asym dynamic")
+           + f"{type(quant).__name__} W{spec['bits']} g{spec['group_size']} {'asym' if spec['w_asym'] else 'sym'} "
+           f"A{spec['a_bits']} token asym dynamic")
     return how, f"llm-compressor {llmcompressor.__version__}"
 
 
@@ -117,6 +118,8 @@ def main(argv=None):
     p.add_argument("--bits", type=positive_int, default=4)
     p.add_argument("--a_bits", type=positive_int, default=4)
     p.add_argument("--group_size", type=positive_int, default=64, help="64: SmolLM2's 576 divides by it (peers refuse padded groups)")
+    p.add_argument("--w_asym", action="store_true", help="asymmetric weights: both sides then use the same grid (with "
+                   "symmetric 4-bit weights ours steps by absmax / 7, compressed-tensors' by absmax / 7.5, clipping the top)")
     p.add_argument("--calib_samples", type=positive_int, default=128)
     p.add_argument("--seq_len", type=positive_int, default=512)
     p.add_argument("--batch_size", type=positive_int, default=4)
@@ -142,11 +145,11 @@ def main(argv=None):
         for name in args.runs:
             impl, rotation = RUNS[name]
             spec = dict(common, impl=impl, rotation=rotation, method=args.method, bits=args.bits, a_bits=args.a_bits,
-                        group_size=args.group_size)
+                        group_size=args.group_size, w_asym=args.w_asym)
             out = run_worker(__file__, sys.executable if impl == "ours" else args.peer_python, spec, name)
             print(f"{name:26s} quantize {out['quantize_s']:7.2f} s  perplexity {out['perplexity']:10.3f}  "
                   f"KL {out['kld']:.4f}", flush=True)
-            row = dict(run=name, method=args.method, **out, fp32_perplexity=fp32, model=args.model_name, w_bits=args.bits,
+            row = dict(run=name, method=args.method, w_symmetric=not args.w_asym, **out, fp32_perplexity=fp32, model=args.model_name, w_bits=args.bits,
                        a_bits=args.a_bits, group_size=args.group_size, calib_samples=args.calib_samples, seq_len=args.seq_len,
                        eval_windows=n_test, batch_size=args.batch_size, seed=args.seed, device=device,
                        device_name=device_name(device), code_version=code_version(), time=timestamp())

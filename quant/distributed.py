@@ -9,11 +9,13 @@ ranks compute what one process computes, up to the order of float sums:
                quantized weights, scales and zero points are broadcast from there
   min-max      static activation ranges (MIN and MAX)
   SmoothQuant  each input channel's largest magnitude (MAX)
+  AWQ          each layer's row sample gathered in batch order (the rows one process would keep),
+               then the same search on every rank
   evaluation   NLL sums and token counts (SUM); per-window values gathered in window order
 
 Statistics that cannot be reduced exactly this way (histogram observers, whose bins follow the
-data each rank saw; AWQ's and SignRound's row samples and training steps; the mixed-precision
-sensitivities) are refused under several ranks with the reason (`check_recipe`).
+data each rank saw; SignRound's training steps) are refused under several ranks with the reason
+(`check_recipe`).
 Without torchrun (one process) every function here is the identity.
 """
 import os
@@ -80,8 +82,8 @@ def total(x: float) -> float:
 
 
 def gather_windows(values: list) -> list:
-    """Per-window values, one per window of this rank's shard, gathered on every rank in the global
-    window order (the inverse of `shard`)."""
+    """Per-window (or per-batch) values, one per item of this rank's shard, gathered on every rank
+    in the global order (the inverse of `shard`)."""
     if world() == 1:
         return list(values)
     parts = [None] * world()
@@ -100,9 +102,9 @@ def check_recipe(recipe) -> None:
     """ValueError naming what in `recipe` is not reduced exactly across ranks (several ranks only)."""
     if world() == 1:
         return
-    if recipe.method in ("awq", "signround"):
-        raise ValueError(f"{recipe.method} is not data-parallel here (its row samples / training steps would differ "
-                         f"from one process's): run it in one process")
+    if recipe.method == "signround":
+        raise ValueError("signround is not data-parallel here (its training steps would differ from one process's): "
+                         "run it in one process")
     if recipe.act == "static" and recipe.a_observer not in REDUCIBLE_OBSERVERS:
         raise ValueError(f"the {recipe.a_observer} observer's histogram follows the data each rank saw and is not "
                          f"reduced exactly: use {' / '.join(REDUCIBLE_OBSERVERS)} or one process")

@@ -51,10 +51,21 @@ def smooth_block(block: nn.Module, inputs: list, alpha: float = 0.5) -> dict:
 
 
 def _rows_sample(store: dict, name: str, x: torch.Tensor, max_rows: int) -> None:
+    """The first max_rows input rows of a layer, kept per calibration batch (a list of each batch's
+    rows), so that a data-parallel run can put the ranks' batches back in their order."""
     x = x.detach().reshape(-1, x.shape[-1]).float()
-    have = store.get(name)
-    if have is None or len(have) < max_rows:
-        store[name] = x[:max_rows] if have is None else torch.cat([have, x])[:max_rows]
+    have = store.setdefault(name, [])
+    room = max_rows - sum(len(t) for t in have)
+    if room > 0:
+        have.append(x[:room])
+
+
+def _sample(per_batch: list, max_rows: int) -> torch.Tensor:
+    """The layer's row sample: its first max_rows rows in batch order, over every rank's batches."""
+    if distributed.world() > 1:
+        device = per_batch[0].device
+        per_batch = [t.to(device) for t in distributed.gather_windows([t.cpu() for t in per_batch])]
+    return torch.cat(per_batch)[:max_rows]
 
 
 @torch.no_grad()
@@ -68,6 +79,7 @@ def awq_block(block: nn.Module, inputs: list, scheme_for, a_scheme=None, n_grid:
     linears = {n: m for n, m in block.named_modules() if is_linear(m) and n not in skip}
     xs = {}
     collect_inputs(block, inputs, linears, lambda name, x: _rows_sample(xs, name, x, max_rows))
+    xs = {name: _sample(xs[name], max_rows) for name in linears}  # (in block order on every rank)
     alphas = {}
     for prod_name, prod, cons in scale_groups(block):
         cons = {n: c for n, c in cons.items() if n in linears}

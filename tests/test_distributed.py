@@ -20,6 +20,7 @@ RECIPES = {
     "gptaq": Recipe(weight=W4G, method="gptq", method_args={"gptaq": True}),
     "rtn static minmax": Recipe(weight=W8, activation=A8, a_observer="minmax"),
     "smoothquant": Recipe(weight=W8, activation=A8, method="smoothquant", a_observer="minmax"),
+    "awq": Recipe(weight=W4G, method="awq", method_args={"tokens": 200}),  # (a sample that ends inside a batch)
 }
 
 
@@ -65,7 +66,8 @@ def test_a_failing_rank_stops_every_rank(tmp_path):
 
 
 def test_refused_under_several_ranks(tmp_path):
-    for recipe, why in [(Recipe(weight=W4G, method="awq"), "not data-parallel"),
+    for recipe, why in [(Recipe(weight=QScheme(4, symmetric=False, signed=False, granularity="group", group_size=32),
+                                method="signround", method_args={"iters": 2}), "not data-parallel"),
                         (Recipe(weight=W8, activation=A8, a_observer="percentile"), "not reduced exactly")]:
         done = torchrun([WORKER, recipe.to_json(), str(tmp_path / "x.pt")], timeout=300)
         assert done.returncode != 0 and why in done.stderr
