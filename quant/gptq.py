@@ -25,11 +25,11 @@ from .scheme import QScheme, qparams_from_range, row_qparams
 
 
 class Hessian:
-    """H = 2/n * sum x x^T over every input row seen (bounded: in x in floats); given the float
-    model's inputs for the same rows too, also D = 2/n * sum (x_float - x) x^T (GPTAQ). The sums
-    are float64, so that how the rows are split into batches (or over the ranks of a data-parallel
-    run) changes H by ~1e-16, not float32's ~1e-7: GPTQ's rounding decisions, which such small
-    changes of H can flip, then do not depend on it."""
+    """H = 2/n * sum x x^T over every input row seen; given the float model's inputs for the same
+    rows too, also D = 2/n * sum (x_float - x) x^T (GPTAQ). Each sequence's product is float32 and
+    the sums over sequences are float64: how sequences are grouped into batches (or spread over the
+    ranks of a data-parallel run) then changes H by ~1e-16, not float32's ~1e-7, and GPTQ's
+    rounding decisions, which such small changes of H can flip, do not depend on it."""
 
     def __init__(self, in_features: int, device=None):
         self.S = torch.zeros(in_features, in_features, device=device, dtype=torch.float64)
@@ -37,13 +37,15 @@ class Hessian:
         self.n = 0
 
     def add(self, x: torch.Tensor, x_float: torch.Tensor | None = None) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
-        self.n += x.shape[0]
-        if x_float is not None:
-            dx = x_float.reshape(-1, x.shape[-1]).double() - x
-            self.T = torch.zeros_like(self.S) if self.T is None else self.T
-            self.T += dx.t() @ x
-        self.S += x.t() @ x
+        x = x.reshape(-1, *x.shape[-2:]) if x.dim() > 2 else x[None]  # (sequences, rows, in)
+        self.n += x.shape[0] * x.shape[1]
+        for i in range(x.shape[0]):
+            xi = x[i].float()
+            if x_float is not None:
+                dx = x_float.reshape(x.shape)[i].float() - xi
+                self.T = torch.zeros_like(self.S) if self.T is None else self.T
+                self.T += dx.t() @ xi
+            self.S += xi.t() @ xi
 
     @property
     def H(self) -> torch.Tensor:
