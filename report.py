@@ -711,6 +711,8 @@ def peers(command):
     """A method against its reference implementation (`command`, one of bench/*_peer.py): the
     latest row of each run and setting, both sides measured by one command on one device."""
     def section(df, out_dir):
+        if "w_symmetric" in df and "how" in df:  # (rows from before the column: their description says)
+            df = df.assign(w_symmetric=df.w_symmetric.where(df.w_symmetric.notna(), ~df.how.str.contains("asym")))
         key = [c for c in ("method", "w_bits", "a_bits", "w_symmetric", "group_size", "seed", "batch_size", "iters", "eval_windows",
                            "calib_samples", "device_name", "run") if c in df.columns]
         last = df.sort_values("time").groupby(key, sort=False, dropna=False).tail(1)
