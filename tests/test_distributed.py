@@ -89,3 +89,16 @@ def test_ptq_llm_under_torchrun(tmp_path):
     assert len(a) == len(b) == 3 and list(b.world_size) == [2, 2, 2] and list(a.world_size) == [1, 1, 1]
     assert ((b.perplexity / a.perplexity - 1).abs() < 1e-4).all()
     assert two.stdout.count("FP32 perplexity") == 1  # one rank speaks
+
+
+def test_scaling_bench_rows(tmp_path):
+    """bench/scaling.py at 1 and 2 gloo ranks: a row each, the same weights, a peak per rank."""
+    import pandas as pd
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "scaling.py"), "--ranks", "1", "2", "--device", "cpu",
+                           "--model_name", os.path.join(DATA, "stories260K"), "--calib_samples", "8", "--seq_len", "64",
+                           "--batch_size", "2", "--group_size", "32", "--results_dir", str(tmp_path)],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT, QUANT_DATA_DIR=DATA), cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    df = pd.read_csv(tmp_path / "bench_scaling.csv")
+    assert list(df.ranks) == [1, 2] and df.same_weights.all() and (df.quantize_s > 0).all()
+    assert [len(str(p).split()) for p in df.peak_mb_per_rank] == [1, 2]
