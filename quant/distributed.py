@@ -57,6 +57,13 @@ def shard(items: list) -> list:
     return list(items)[rank()::world()]
 
 
+def shard_batches(batches: list) -> list:
+    """This rank's calibration batches; ValueError if some rank would get none."""
+    if len(batches) < world():
+        raise ValueError(f"{len(batches)} calibration batches for {world()} ranks: each rank needs one")
+    return shard(batches)
+
+
 def _op(how: str):
     return {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[how]
 

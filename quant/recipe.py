@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .calibrate import calibrate
 from .modules import layer_scheme, quant_modules, quantize_linears
 from .scheme import QScheme
@@ -283,17 +284,13 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib=None, progress: bool 
     weights under fake quantization, ready to train; call `.freeze()` on its quant modules after.
     A rotation is applied to the float model before anything else, a KV-cache scheme after.
     Under torchrun (quant.distributed) each rank passes the same batches and calibrates on its
-    share of them; the statistics are reduced, so every rank ends with the same quantized model.
+    share of them; the statistics are reduced, so every rank ends with the same quantized model,
+    the one a single process makes up to the order of float sums.
     """
-    from . import distributed
     distributed.check_recipe(recipe)
     batches = None if calib is None else list(calib)
     if recipe.needs_calibration and not batches:
         raise ValueError(f"{recipe.describe()} needs calibration batches (calib=...)")
-    if batches is not None and distributed.world() > 1:  # data-parallel: this rank's share (quant.distributed)
-        if len(batches) < distributed.world():
-            raise ValueError(f"{len(batches)} calibration batches for {distributed.world()} ranks: each rank needs one")
-        batches = distributed.shard(batches)
     if recipe.rotation == "hadamard":  # the float model first: every method then calibrates the rotated one
         from .rotation import rotate_model
         rotate_model(model)
@@ -324,7 +321,7 @@ def _quantize_layers(model: nn.Module, recipe: Recipe, batches, progress: bool) 
             for name in tqdm(swapped, desc="hqq", disable=not progress, leave=False):
                 hqq_quantize(model.get_submodule(name), **recipe.args)
         if static:
-            calibrate(model, batches, observer=recipe.a_observer, forward=lambda m, b: m(b.to(device)),
+            calibrate(model, distributed.shard_batches(batches), observer=recipe.a_observer, forward=lambda m, b: m(b.to(device)),
                       desc=f"calibrate {recipe.a_observer}", progress=progress, **a_kw)
         return
 
@@ -358,9 +355,12 @@ def _quantize_layers(model: nn.Module, recipe: Recipe, batches, progress: bool) 
                       progress=False, **a_kw)
 
     if recipe.method == "gptq" and not static:  # (observers of static activations may depend on batch boundaries)
-        batches = merge_batches(batches, GPTQ_PASS_TOKENS)
+        # (at least one merged batch per rank; where that leaves the cap alone, ranks get the very batches one process runs)
+        tokens = sum(b.numel() if torch.is_tensor(b) else 1 for b in batches)
+        batches = merge_batches(batches, min(GPTQ_PASS_TOKENS, -(-tokens // distributed.world())))
     if recipe.method == "signround":  # one step's batch: `batch` windows (batches are merged, never split)
         batches = merge_batches(batches, args["batch"] * max(b.shape[-1] if torch.is_tensor(b) else 1 for b in batches))
+    batches = distributed.shard_batches(batches)  # (merged first: each rank's share is whole batches one process runs)
     sequential_quantize(model, batches, device, process, progress=progress, desc=f"{recipe.method} blocks",
                         float_chain=recipe.method == "signround" or (recipe.method == "gptq" and args["gptaq"]))
     if recipe.embeddings:  # lm_head and embeddings: round to nearest, weight-only
