@@ -36,7 +36,7 @@ def worker(spec):
     from quant import QScheme, Recipe, distributed, quant_modules, quantize_model
     device = distributed.init(spec["device"])
     if device == "cpu":
-        torch.set_num_threads(max(1, spec["threads"] // distributed.world()))
+        torch.set_num_threads(spec["threads_per_rank"] or max(1, spec["threads"] // distributed.world()))
     g = torch.Generator().manual_seed(spec["seed"])
     if spec["random_llama"]:
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -87,6 +87,9 @@ def main(argv=None):
     p.add_argument("--seq_len", type=positive_int, default=512)
     p.add_argument("--batch_size", type=positive_int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads per rank (default: the machine's, divided among the ranks); one count for every "
+                        "world size gives each rank the same float arithmetic as one process")
     p.add_argument("--device", default=None, help="cuda (one GPU per rank) or cpu (default: cuda where there is one)")
     p.add_argument("--results_dir", default="results")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -105,13 +108,14 @@ def main(argv=None):
                          f"than {max(args.ranks)} ranks")
     spec = dict(model_name=args.model_name, random_llama=args.random_llama, method=args.method, bits=args.bits,
                 group_size=args.group_size, calib_samples=args.calib_samples, seq_len=args.seq_len,
-                batch_size=args.batch_size, seed=args.seed, device=device.split(":")[0], threads=torch.get_num_threads())
+                batch_size=args.batch_size, seed=args.seed, device=device.split(":")[0], threads=torch.get_num_threads(),
+                threads_per_rank=args.threads)
     base = None
     for n in args.ranks:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
                "--master_port", str(29400 + os.getpid() % 500), os.path.abspath(__file__), "--worker", json.dumps(spec)]
         done = subprocess.run(cmd, capture_output=True, text=True,
-                              env=dict(os.environ, OMP_NUM_THREADS=str(max(1, spec["threads"] // n))))
+                              env=dict(os.environ, OMP_NUM_THREADS=str(args.threads or max(1, spec["threads"] // n))))
         if done.returncode:
             raise RuntimeError(f"{n} rank(s) failed:\n{done.stderr[-3000:]}")
         out = json.loads(done.stdout.strip().splitlines()[-1])
@@ -123,6 +127,7 @@ def main(argv=None):
                    checksum=out["checksum"], how=out["how"],
                    model=f"random Llama {args.random_llama} (timing only)" if args.random_llama else args.model_name,
                    calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size, device=device,
+                   threads_per_rank=(args.threads or max(1, spec["threads"] // n)) if device == "cpu" else None,
                    device_name=out["device_name"], torch=out["torch"], code=code_version())
         append_rows(os.path.join(args.results_dir, "bench_scaling.csv"), [row])
         print(f"{n} rank(s): quantize {out['quantize_s']:8.2f} s  speedup {row['speedup']:.2f}x  "
