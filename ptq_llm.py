@@ -73,8 +73,7 @@ from llm import (
     tokenize,
     wikitext_text,
 )
-from quant import distributed
-from quant import QScheme, Recipe, float_size_bytes, quant_modules, quantize_model, quantized_size_bytes, save_quantized
+from quant import QScheme, Recipe, distributed, float_size_bytes, quant_modules, quantize_model, quantized_size_bytes, save_quantized
 from quant.arch import weight_matrix
 from quant.checkpoint import atomic_path, bits_per_weight
 from quant.export import FORMATS as EXPORT_FORMATS

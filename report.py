@@ -543,7 +543,8 @@ def llm_findings(g: pd.DataFrame) -> str:
         sentence("One static per-tensor int8 scale per layer input (W8A8 static, min-max) takes perplexity from {:.2f} "
                  "to {:.2f}, while per-token dynamic scales give {:.2f}" + (
                      ": this model's activations have outlier channels, the case SmoothQuant is for."
-                     if (ppl(method="rtn", act="static", observer="minmax", w_bits=8, a_bits=8) or 0) > 1.5 * (fp32 or float("inf")) else "."),
+                     if (ppl(method="rtn", act="static", observer="minmax", w_bits=8, a_bits=8) or 0) > 1.5 * (fp32 or float("inf"))
+                     else "."),
                  fp32, ppl(method="rtn", act="static", observer="minmax", w_bits=8, a_bits=8),
                  ppl(method="rtn", act="dynamic", w_bits=8, a_bits=8)),
         sentence("SmoothQuant (with the up→down fold) takes W8A8 static to {:.2f} at its best α ({}).",

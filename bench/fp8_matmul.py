@@ -56,7 +56,7 @@ def timed(fns: dict, repeats: int, rounds: int, sync) -> dict:
 def main(argv=None):
     from cli import Parser, check_writable, pick_device, positive_int
     from quant import QScheme, quantize_linears
-    from quant.kernels import Fp8DynamicLinear, convert_to_int
+    from quant.kernels import convert_to_int
     from results import append_rows, code_version, timestamp
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cuda (default where there is one) or cpu")

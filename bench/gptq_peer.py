@@ -24,12 +24,12 @@ and llm-compressor). Each run's row goes to results/bench_gptq.csv as it finishe
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from peers import device_name, float_copy, run_worker, sync  # noqa: E402
 
 RUNS = {  # name -> (implementation, range choice, its arguments)
     "ours minmax": ("ours", "minmax", {}),
@@ -39,12 +39,6 @@ RUNS = {  # name -> (implementation, range choice, its arguments)
     "llm-compressor minmax": ("llm-compressor", "memoryless_minmax", {}),
     "llm-compressor mse": ("llm-compressor", "memoryless_mse", {}),
 }
-
-
-def sync(device):
-    import torch
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def quantize_ours(model, calib, spec):
@@ -120,45 +114,21 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.worker:
         return worker(json.loads(args.worker))
-    import torch
-
-    from llm import calib_windows, eval_windows, load_model, load_tokenizer, tokenize, wikitext_text
-    from quant.export import as_float_model
     from results import append_rows, code_version, timestamp
     device = pick_device(args.device)
     check_writable(args.results_dir, "--results_dir")
-    tok = load_tokenizer(args.model_name)
-    calib_text = wikitext_text("train", None) or wikitext_text("validation", None)
-    calib = calib_windows(tokenize(tok, calib_text), args.calib_samples, args.seq_len, args.seed)
-    test = eval_windows(tokenize(tok, wikitext_text("test", None)), args.seq_len, args.eval_samples)
-    with tempfile.TemporaryDirectory() as tmp:
-        # every run starts from one float32 safetensors copy of the model: llm-compressor refuses a
-        # model read from a GGUF file (its config says "gguf"), though it is dequantized to float
-        folder = os.path.join(tmp, "float")
-        model = load_model(args.model_name, "cpu")
-        as_float_model(model)
-        model.save_pretrained(folder)
-        tok.save_pretrained(folder)
-        del model
-        windows = os.path.join(tmp, "windows.pt")
-        torch.save({"calib": calib, "test": test}, windows)
+    with float_copy(args.model_name, args.calib_samples, args.seq_len, args.seed, args.eval_samples) as (folder, windows, n_test):
         for rep in range(args.repeats):
             for name in args.runs:
                 impl, ranges, range_args = RUNS[name]
                 spec = dict(impl=impl, ranges=ranges, range_args=range_args, model_name=folder, device=device, bits=args.bits,
                             group_size=args.group_size, batch_size=args.batch_size, windows=windows)
-                python = sys.executable if impl == "ours" else args.peer_python
-                done = subprocess.run([python, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                                      capture_output=True, text=True)
-                if done.returncode:
-                    raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
-                out = json.loads(done.stdout.strip().splitlines()[-1])
+                out = run_worker(__file__, sys.executable if impl == "ours" else args.peer_python, spec, name)
                 print(f"{name:24s} quantize {out['quantize_s']:7.2f} s  perplexity {out['perplexity']:.3f}", flush=True)
                 row = dict(run=name, **out, repeat=rep, model=args.model_name, w_bits=args.bits,
                            group_size=args.group_size, calib_samples=args.calib_samples, seq_len=args.seq_len,
-                           eval_windows=len(test), batch_size=args.batch_size, seed=args.seed, device=device,
-                           device_name=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-                           code_version=code_version(), time=timestamp())
+                           eval_windows=n_test, batch_size=args.batch_size, seed=args.seed, device=device,
+                           device_name=device_name(device), code_version=code_version(), time=timestamp())
                 append_rows(os.path.join(args.results_dir, "bench_gptq.csv"), [row])
 
 

@@ -93,7 +93,8 @@ def worker(spec):
     with torch.no_grad():
         scores = evaluate(model, data["test"], spec["batch_size"], spec["device"], progress=False, reference=reference)
     print(json.dumps(dict(quantize_s=round(seconds, 2), perplexity=scores["perplexity"],
-                          kld=float(scores["kld_tokens"].mean()), top1_agree=scores["top1_agree"], how=how, peak_mib=peak, implementation=version,
+                          kld=float(scores["kld_tokens"].mean()), top1_agree=scores["top1_agree"], how=how, peak_mib=peak,
+                          implementation=version,
                           torch=torch.__version__, transformers=__import__("transformers").__version__)))
 
 
@@ -149,7 +150,8 @@ def main(argv=None):
             out = run_worker(__file__, sys.executable if impl == "ours" else args.peer_python, spec, name)
             print(f"{name:26s} quantize {out['quantize_s']:7.2f} s  perplexity {out['perplexity']:10.3f}  "
                   f"KL {out['kld']:.4f}", flush=True)
-            row = dict(run=name, method=args.method, w_symmetric=not args.w_asym, **out, fp32_perplexity=fp32, model=args.model_name, w_bits=args.bits,
+            row = dict(run=name, method=args.method, w_symmetric=not args.w_asym, **out, fp32_perplexity=fp32,
+                       model=args.model_name, w_bits=args.bits,
                        a_bits=args.a_bits, group_size=args.group_size, calib_samples=args.calib_samples, seq_len=args.seq_len,
                        eval_windows=n_test, batch_size=args.batch_size, seed=args.seed, device=device,
                        device_name=device_name(device), code_version=code_version(), time=timestamp())

@@ -16,20 +16,14 @@ Rows go to results/bench_signround.csv as each run finishes (appended atomically
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from peers import device_name, float_copy, run_worker, sync  # noqa: E402
 
 RUNS = ("ours", "auto-round")
-
-
-def sync(device):
-    import torch
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def quantize_ours(model, calib, spec):
@@ -96,42 +90,20 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.worker:
         return worker(json.loads(args.worker))
-    import torch
-
-    from llm import calib_windows, eval_windows, load_model, load_tokenizer, tokenize, wikitext_text
-    from quant.export import as_float_model
     from results import append_rows, code_version, timestamp
     device = pick_device(args.device)
     check_writable(args.results_dir, "--results_dir")
-    tok = load_tokenizer(args.model_name)
-    calib_text = wikitext_text("train", None) or wikitext_text("validation", None)
-    calib = calib_windows(tokenize(tok, calib_text), args.calib_samples, args.seq_len, args.seed)
-    test = eval_windows(tokenize(tok, wikitext_text("test", None)), args.seq_len, args.eval_samples)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = os.path.join(tmp, "float")  # one float32 safetensors copy that every run starts from
-        model = load_model(args.model_name, "cpu")
-        as_float_model(model)
-        model.save_pretrained(folder)
-        tok.save_pretrained(folder)
-        del model
-        windows = os.path.join(tmp, "windows.pt")
-        torch.save({"calib": calib, "test": test}, windows)
+    with float_copy(args.model_name, args.calib_samples, args.seq_len, args.seed, args.eval_samples) as (folder, windows, n_test):
         for bits in args.bits:
             for name in args.runs:
                 spec = dict(impl=name, model_name=folder, device=device, bits=bits, group_size=args.group_size,
                             iters=args.iters, batch_size=args.batch_size, windows=windows)
-                python = sys.executable if name == "ours" else args.peer_python
-                done = subprocess.run([python, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                                      capture_output=True, text=True)
-                if done.returncode:
-                    raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
-                out = json.loads(done.stdout.strip().splitlines()[-1])
+                out = run_worker(__file__, sys.executable if name == "ours" else args.peer_python, spec, name)
                 print(f"W{bits} {name:12s} quantize {out['quantize_s']:8.2f} s  perplexity {out['perplexity']:.3f}", flush=True)
                 row = dict(run=name, **out, model=args.model_name, w_bits=bits, group_size=args.group_size,
                            iters=args.iters, calib_samples=args.calib_samples, seq_len=args.seq_len,
-                           eval_windows=len(test), batch_size=args.batch_size, seed=args.seed, device=device,
-                           device_name=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-                           code_version=code_version(), time=timestamp())
+                           eval_windows=n_test, batch_size=args.batch_size, seed=args.seed, device=device,
+                           device_name=device_name(device), code_version=code_version(), time=timestamp())
                 append_rows(os.path.join(args.results_dir, "bench_signround.csv"), [row])
 
 

@@ -39,7 +39,8 @@ INT4_GROUPS = (32, 64, 128, 256)
 class IntLayer:
     """A quantized linear layer as integers: what the kernels are built from, either from a
     QuantLinear (`of`) or straight from a checkpoint's packed codes (no float weight on the way)."""
-    codes: torch.Tensor | None  # integer (or E4M3) codes, laid out as the weight scheme lays out (out, in); None for formats without a kernel
+    codes: torch.Tensor | None  # integer (or E4M3) codes, laid out as the weight scheme lays out (out, in);
+    # None for formats without a kernel
     weight_quant: Quantizer
     act_quant: Quantizer | None
     bias: torch.Tensor | None

@@ -8,8 +8,15 @@ from conftest import DATA
 
 from quant import QScheme, calibrate, native, quantize_linears
 from quant import float_size_bytes as weight_bytes
-from quant.kernels import (Fp8DynamicLinear, _cpu_rowwise_fp8, Int4WeightOnlyLinear, Int8DynamicLinear, Int8StaticLinear, Int8WeightOnlyLinear,
-                           convert_to_int)
+from quant.kernels import (
+    Fp8DynamicLinear,
+    Int4WeightOnlyLinear,
+    Int8DynamicLinear,
+    Int8StaticLinear,
+    Int8WeightOnlyLinear,
+    _cpu_rowwise_fp8,
+    convert_to_int,
+)
 
 CASES = [
     (QScheme(8, granularity="channel"), None, Int8WeightOnlyLinear),
