@@ -56,6 +56,7 @@ def timed(fns: dict, repeats: int, rounds: int, sync) -> dict:
 def main(argv=None):
     from cli import Parser, check_writable, pick_device, positive_int
     from quant import QScheme, quantize_linears
+    from quant.formats import format_scale, to_fp8
     from quant.kernels import convert_to_int
     from results import append_rows, code_version, timestamp
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,8 +91,8 @@ def main(argv=None):
                 x = torch.randn(m, k, device=device)
                 x_bf16 = x.to(torch.bfloat16)
                 err = float((fp8(x).float() - fake(x)).abs().max() / fake(x).abs().max())
-                x_scale = (x.abs().amax(-1, keepdim=True) / 448).clamp(min=1e-12)
-                x_fp8 = (x / x_scale).to(torch.float8_e4m3fn)
+                x_scale = format_scale(x.abs().amax(-1, keepdim=True), "fp8")
+                x_fp8 = to_fp8(x, x_scale)
                 out_dtype = torch.bfloat16 if on_cuda else torch.float32
                 fns = {"bf16": lambda: torch.nn.functional.linear(x_bf16, w_bf16),
                        # a new tensor each call, so the layer's reuse of a shared input's codes does not apply

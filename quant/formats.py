@@ -22,9 +22,15 @@ BLOCK = {"mxfp4": 32, "nvfp4": 16}  # elements per scale, fixed by the format
 FP8_MAX, FP4_MAX = 448.0, 6.0
 
 
+def to_fp8(x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The E4M3 codes of x (or of x / scale): a cast to torch.float8_e4m3fn, saturating at +-448."""
+    y = x.float().clamp(-FP8_MAX, FP8_MAX) if scale is None else (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX)
+    return y.to(torch.float8_e4m3fn)
+
+
 def round_fp8(x: torch.Tensor) -> torch.Tensor:
     """x rounded onto the E4M3 grid (what a cast to torch.float8_e4m3fn gives, saturating)."""
-    return x.float().clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+    return to_fp8(x).float()
 
 
 def round_fp4(x: torch.Tensor) -> torch.Tensor:

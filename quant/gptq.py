@@ -246,8 +246,6 @@ def gptq_block(block, inputs: list, scheme_for, a_scheme=None, skip=(), float_in
                     got = []
                     collect_inputs(float_block, [finp], {lead: float_block.get_submodule(lead)}, lambda name, x: got.append(x))
                     collect_inputs(block, [inp], {lead: block.get_submodule(lead)}, lambda name, x: hessian.add(x, got[0]))
-        if hessian.T is None and float_block is not None and distributed.world() > 1:
-            hessian.T = torch.zeros_like(hessian.S)  # (a rank without batches still takes part in D's sum)
         hessian.reduce()
         names = [n for n in linears if owner[n] == lead]
         schemes = {n: scheme_for(n, linears[n]) for n in names}

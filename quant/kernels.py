@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from . import native
 from .arch import decoder_blocks, shared_inputs
-from .formats import FP8_MAX
+from .formats import format_scale, to_fp8
 from .modules import Quantizer, QuantLinear, quant_modules, replace_module
 
 INT4_GROUPS = (32, 64, 128, 256)
@@ -50,7 +50,10 @@ class IntLayer:
     @classmethod
     def of(cls, q: QuantLinear) -> "IntLayer":
         fmt = q.weight_quant.scheme.format
-        codes = q.weight_quant.int_repr(q.weight) if fmt == "int" else fp8_codes(q) if fmt == "fp8" else None
+        if fmt == "fp8":  # (W / its per-channel scale, as E4M3 codes)
+            codes = to_fp8(q.weight.detach(), q.weight_quant.scale.reshape(-1, 1).float())
+        else:
+            codes = q.weight_quant.int_repr(q.weight) if fmt == "int" else None
         return cls(codes, q.weight_quant, q.act_quant, q.bias, q.in_features, q.out_features)
 
     @property
@@ -352,8 +355,8 @@ class Fp8DynamicLinear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         cached = _last_fp8.get(x)
         if cached is None:
-            x_scale = (x2.abs().amax(-1, keepdim=True).float() / FP8_MAX).clamp_(min=1e-12)
-            cached = (x2.float() / x_scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), x_scale
+            x_scale = format_scale(x2.abs().amax(-1, keepdim=True), "fp8")
+            cached = to_fp8(x2, x_scale), x_scale
             _last_fp8.put(x, cached)
         x_fp8, x_scale = cached
         out_dtype = torch.bfloat16 if x.is_cuda else torch.float32  # (CUDA's row-wise kernel writes bfloat16 only)
@@ -375,12 +378,6 @@ def _cpu_rowwise_fp8() -> bool:
         return True
     except RuntimeError:
         return False
-
-
-def fp8_codes(q: QuantLinear) -> torch.Tensor:
-    """The weight's E4M3 codes (W / per-channel scale, rounded and saturated as the cast does)."""
-    scale = q.weight_quant.scale.reshape(-1, 1).float()
-    return (q.weight.detach().float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
 def kernel_for(q: IntLayer):

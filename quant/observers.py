@@ -76,7 +76,7 @@ class MinMaxObserver(Observer):
         self.max = hi if self.max is None else torch.maximum(self.max, hi)
 
     def reduce(self):
-        if distributed.world() > 1:  # (every rank has observed a batch: ptq_llm gives each at least one)
+        if distributed.world() > 1:  # (every rank has observed a batch: quantize_model's shard_batches)
             distributed.all_reduce_(self.min, "min")
             distributed.all_reduce_(self.max, "max")
             self.count = int(distributed.total(self.count))

@@ -36,9 +36,7 @@ def smooth_block(block: nn.Module, inputs: list, alpha: float = 0.5) -> dict:
         a = x.detach().reshape(-1, x.shape[-1]).abs().amax(0).float()
         amax[name] = a if name not in amax else torch.maximum(amax[name], a)
     collect_inputs(block, inputs, {c_name: c for c_name, c in first.values()}, observe)
-    for c_name, c in first.values():  # (in block order on every rank; a rank without batches sends zeros)
-        if c_name not in amax:
-            amax[c_name] = torch.zeros(weight_matrix(c).shape[1], device=weight_matrix(c).device)
+    for c_name, _ in first.values():  # (in block order on every rank; each rank has a batch: shard_batches)
         distributed.all_reduce_(amax[c_name], "max")
     applied = {}
     for prod_name, prod, cons in groups:
