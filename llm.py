@@ -103,6 +103,23 @@ def load_model(name: str, device: str, dtype: torch.dtype = torch.float32, gguf_
     return model.eval()
 
 
+def load_onloaded(name: str, device: str, dtype: torch.dtype, work_dir: str, gguf_file: str | None = None):
+    """The model with its decoder blocks left in the safetensors checkpoint, read one at a time
+    (quant.onload); quantized blocks are written to work_dir."""
+    from quant.onload import open_model
+    source, kw = locate(name, gguf_file)
+    if "gguf_file" in kw:
+        raise UsageError(f"--max_memory reads the blocks of a safetensors checkpoint: {name!r} is a GGUF file")
+    if not os.path.isdir(source):  # a hub id: its snapshot folder (cached, or downloaded now)
+        from huggingface_hub import snapshot_download
+        source = snapshot_download(source, local_files_only=bool(kw.get("local_files_only")),
+                                   allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    try:
+        return open_model(source, load_config(name, gguf_file), device, dtype, work_dir)
+    except ValueError as e:
+        raise UsageError(f"--max_memory: {e}") from None
+
+
 def context_length(name: str, gguf_file: str | None = None) -> int | None:
     """The model's context length, read before anything heavy: from a GGUF file's header (parsing
     it for a config takes seconds, every tensor's description included), else from the config."""
@@ -295,9 +312,14 @@ def evaluate(model, windows: torch.Tensor, batch_size: int, device: str, progres
     own = FloatReference(keep_reference, keep_reference) if keep_reference else None
     pos = 0
     windows = windows[distributed.rank()::distributed.world()]
-    for i in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, leave=False):
-        batch = windows[i:i + batch_size].to(device)
-        logits = model(batch).logits[:, :-1].float()
+    onload = getattr(model, "onload", None)  # blocks on disk: block by block over `chunk` windows at a time
+    if onload is not None:
+        scored = onload.logits(windows, batch_size, onload.chunk, progress)
+    else:
+        scored = ((b, model(b).logits) for b in (w.to(device) for w in tqdm(windows.split(batch_size), desc=desc,
+                                                                                   disable=not progress, leave=False)))
+    for batch, logits in scored:
+        logits = logits[:, :-1].float()
         flat, target = logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
         nll += float(F.cross_entropy(flat, target, reduction="sum"))
         count += target.numel()

@@ -1,6 +1,6 @@
 """What depends on the model's architecture, in one place: which modules are linear layers and
-how their weights are oriented (GPT-2's Conv1D stores (in, out)), where the decoder blocks are,
-which linears read the same input and what produces it (for the SmoothQuant / AWQ folds and the
+how their weights are oriented (GPT-2's Conv1D stores (in, out)), where the decoder blocks are and
+what follows them, which linears read the same input and what produces it (for the SmoothQuant / AWQ folds and the
 fused int4 decoding), and
 how a per-input-channel scale is folded into a producer and its consumers."""
 import torch
@@ -42,6 +42,19 @@ def block_prefix(model: nn.Module) -> str:
     named prefix + f"{i}." + their name inside the block."""
     blocks = decoder_blocks(model)
     return next(n for n, m in model.named_modules() if m is blocks) + "."
+
+
+FINAL_NORMS = ["model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm"]  # (then the output embeddings)
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm between the last decoder block and the output head (Llama's model.norm, GPT-2's ln_f)."""
+    for name in FINAL_NORMS:
+        try:
+            return model.get_submodule(name)
+        except AttributeError:
+            continue
+    raise ValueError(f"cannot find the final norm of a {type(model).__name__} (known: {', '.join(FINAL_NORMS)})")
 
 
 # (producer, consumers) of known decoder blocks; names relative to the block

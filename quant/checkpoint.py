@@ -86,6 +86,8 @@ def _other_tensors(model: torch.nn.Module, qmods: dict):
 
 
 def quantized_size_bytes(model: torch.nn.Module) -> int:
+    if getattr(model, "onload", None) is not None:  # blocks on disk (quant.onload): summed block by block
+        return model.onload.quantized_bytes()
     qmods = quant_modules(model)
     if all(m.weight_quant.scheme.format == "int" for m in qmods.values()):
         tensors, _ = export_tensors(model)
@@ -129,6 +131,8 @@ def bits_per_weight(model: torch.nn.Module) -> float:
 
 def float_size_bytes(model: torch.nn.Module) -> int:
     """Bytes of all parameters and buffers, counting shared storage once."""
+    if getattr(model, "onload", None) is not None:
+        return model.onload.float_bytes()
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))

@@ -283,11 +283,17 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib=None, progress: bool 
     of the already-quantized blocks before it). For method "qat" the model comes back with float
     weights under fake quantization, ready to train; call `.freeze()` on its quant modules after.
     A rotation is applied to the float model before anything else, a KV-cache scheme after.
+    A model whose decoder blocks stay on disk (quant.onload.open_model) is quantized one block at a
+    time, round to nearest too.
     Under torchrun (quant.distributed) each rank passes the same batches and calibrates on its
     share of them; the statistics are reduced, so every rank ends with the same quantized model,
     the one a single process makes up to the order of float sums.
     """
     distributed.check_recipe(recipe)
+    onload = getattr(model, "onload", None)
+    if onload is not None:
+        from .onload import check_recipe
+        check_recipe(recipe)
     batches = None if calib is None else list(calib)
     if recipe.needs_calibration and not batches:
         raise ValueError(f"{recipe.describe()} needs calibration batches (calib=...)")
@@ -309,6 +315,9 @@ def _quantize_layers(model: nn.Module, recipe: Recipe, batches, progress: bool) 
     device = _device(model)
     static = recipe.act == "static"
 
+    if recipe.method == "rtn" and getattr(model, "onload", None) is not None:
+        _rtn_blocks(model, recipe, batches, progress)
+        return
     if recipe.method in ("rtn", "qat", "hqq"):
         qat, hqq = recipe.method == "qat", recipe.method == "hqq"
         swapped = quantize_linears(model, recipe.weight, recipe.activation, skip=() if recipe.embeddings else recipe.skip,
@@ -366,6 +375,29 @@ def _quantize_layers(model: nn.Module, recipe: Recipe, batches, progress: bool) 
     if recipe.embeddings:  # lm_head and embeddings: round to nearest, weight-only
         quantize_linears(model, recipe.weight, None, group_fallback=recipe.group_fallback, embeddings=True,
                          w_observer=recipe.w_observer, overrides=dict(recipe.layer_weights), **w_kw)
+
+
+def _rtn_blocks(model: nn.Module, recipe: Recipe, batches, progress: bool) -> None:
+    """Round to nearest block by block, for a model whose blocks stay on disk. Static activation
+    scales come from each block's inputs as the whole-model calibration sees them: quantized
+    weights, float activations (calibrate's convention) in the blocks before it."""
+    from .arch import block_prefix
+    from .calibrate import activation_quant_disabled
+    from .sequential import first_block_inputs, run_block
+    prefix, onload = block_prefix(model), model.onload
+    static = recipe.act == "static"
+    inputs = first_block_inputs(model, onload.blocks, distributed.shard_batches(batches), _device(model)) if static else None
+    for i in tqdm(range(len(onload.blocks)), desc="rtn blocks", disable=not progress, leave=False):
+        block = onload.load(i)
+        own = {n[len(f"{prefix}{i}."):]: sch for n, sch in recipe.layer_weights if n.startswith(f"{prefix}{i}.")}
+        quantize_linears(block, recipe.weight, recipe.activation, group_fallback=recipe.group_fallback,
+                         w_observer=recipe.w_observer, overrides=own, **dict(recipe.w_observer_args))
+        if static:
+            calibrate(block, inputs, observer=recipe.a_observer, forward=lambda m, inp: run_block(m, *inp),
+                      progress=False, **dict(recipe.a_observer_args))
+            with activation_quant_disabled(block):
+                inputs = [((run_block(block, args, kwargs),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+        onload.release(i, keep=True)
 
 
 def _check_swapped(model: nn.Module, recipe: Recipe) -> None:

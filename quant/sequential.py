@@ -8,7 +8,8 @@ calibration activations of one layer, never the whole model's activations, and e
 calibrated on what the quantized blocks before it actually produce (as in GPTQ).
 
 Models loaded with accelerate's device_map / CPU offload work unchanged: each block's own hooks
-move its weights in when it runs.
+move its weights in when it runs. A model whose blocks stay on disk (quant.onload) has each block
+read in for its turn and written out quantized after it.
 """
 import torch
 import torch.nn as nn
@@ -100,12 +101,13 @@ def sequential_quantize(model: nn.Module, batches, device, process, progress: bo
     second set) and process(index, block, inputs, float_inputs, float_outputs) also gets the
     float block's inputs and outputs in the float model, batch for batch: what the quantized
     block's inputs drifted from, and what it should reproduce."""
-    blocks = decoder_blocks(model)
+    blocks, onload = decoder_blocks(model), getattr(model, "onload", None)
     inputs = first_block_inputs(model, blocks, batches, device)
     if not inputs:
         raise ValueError("sequential calibration got no batches")
     float_inputs = inputs
-    for i, block in enumerate(tqdm(blocks, desc=desc, disable=not progress, leave=False)):
+    for i in tqdm(range(len(blocks)), desc=desc, disable=not progress, leave=False):
+        block = onload.load(i) if onload is not None else blocks[i]
         if float_chain:
             outputs = [run_block(block, args, kwargs) for args, kwargs in float_inputs]
             process(i, block, inputs, float_inputs, outputs)
@@ -113,3 +115,5 @@ def sequential_quantize(model: nn.Module, batches, device, process, progress: bo
         else:
             process(i, block, inputs)
         inputs = [((run_block(block, args, kwargs),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+        if onload is not None:
+            onload.release(i, keep=True)
