@@ -103,6 +103,16 @@ def load_model(name: str, device: str, dtype: torch.dtype = torch.float32, gguf_
     return model.eval()
 
 
+def import_model_code(name: str, gguf_file: str | None = None) -> None:
+    """Import the model's architecture code (and accelerate) now, so that memory measured from here
+    on is the model's, not the libraries' (for a GGUF file, whose config takes seconds to parse, the
+    load imports it)."""
+    import accelerate  # noqa: F401
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    if "gguf_file" not in locate(name, gguf_file)[1]:
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(load_config(name, gguf_file))]
+
+
 def load_onloaded(name: str, device: str, dtype: torch.dtype, work_dir: str, gguf_file: str | None = None):
     """The model with its decoder blocks left in the safetensors checkpoint, read one at a time
     (quant.onload); quantized blocks are written to work_dir."""

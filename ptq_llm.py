@@ -38,7 +38,9 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -65,8 +67,10 @@ from llm import (
     context_length,
     eval_windows,
     evaluate,
+    import_model_code,
     load_exported,
     load_model,
+    load_onloaded,
     load_tokenizer,
     perplexity,
     resolve_model,
@@ -81,6 +85,7 @@ from quant.export import export_problem, gguf_tokenizer_problem, save_compressed
 from quant.formats import BLOCK, FORMATS
 from quant.kvcache import check_kv, kv_bytes_per_token
 from quant.modules import layer_scheme
+from quant.onload import parse_size
 from quant.rotation import check_rotatable
 from results import Results, append_rows, code_version, environment, settings_id, timestamp
 from stats import bootstrap_mean, encode
@@ -164,6 +169,11 @@ def build_parser(prog=None):
     p.add_argument("--device_map", default=None,
                    help="accelerate device map for models larger than one device, e.g. auto (each configuration then reloads "
                         "the model from disk instead of copying it in memory)")
+    p.add_argument("--max_memory", type=size_type, default=None,
+                   help="models larger than memory: keep the float weights in their safetensors checkpoint and read one "
+                        "decoder block at a time (quant/onload.py), so that the model and its activations fit in SIZE "
+                        "(e.g. 2GiB) on the device; refused when the largest block, the rest of the model and the "
+                        "calibration activations do not. Each row records the measured peak (model_peak_mb)")
     p.add_argument("--export", nargs="+", choices=list(EXPORT_FORMATS), default=[],
                    help="also write each quantized model as compressed-tensors (a folder transformers and vLLM load) "
                         "and/or gguf (Q8_0 for 5-8 bits, Q4_0 below; Llama only) under --models_dir, load it back "
@@ -240,10 +250,40 @@ def method_args(recipe: Recipe) -> str:
             "signround": f"iters={a.get('iters')} batch={a.get('batch')}"}[recipe.method]
 
 
+def size_type(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def rss_mb(key: str = "VmRSS") -> float | None:
+    """This process's resident memory now (VmRSS) or at its peak (VmHWM), in MB; None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+    except (OSError, StopIteration):
+        return None
+    return round(kb / 1024, 1)
+
+
+def reset_peak_rss() -> None:
+    """Start the peak (VmHWM) afresh, where Linux allows: a row's peak is then its own run's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (MB): on CPU, what the runs up to this row needed."""
+    """Peak resident memory of this process (MB) since this row's run began (Linux; elsewhere since
+    the start of the process)."""
     import resource
     import sys
+    peak = rss_mb("VmHWM")
+    if peak is not None:
+        return peak
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(kb / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
@@ -251,6 +291,32 @@ def peak_rss_mb() -> float:
 def peak_gpu_mb(device: str):
     """Peak CUDA memory allocated by this process so far (MB), None off CUDA."""
     return round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.startswith("cuda") else None
+
+
+def fit_memory(model, args, calibs) -> None:
+    """Refuse a --max_memory that one block, the rest of the model, the calibration activations and
+    (for GPTQ) the largest layer's Hessian work exceed; else size the evaluation's chunk of windows
+    (their hidden states) to what is left. An estimate: each row records the measured peak."""
+    from quant.arch import is_linear
+    onload, mib = model.onload, 2**20
+    width = torch.finfo(DTYPES[args.dtype]).bits // 8
+    hidden = model.config.hidden_size * args.seq_len * width  # one window's hidden states
+    block = max(onload.block_bytes(i) for i in range(len(onload.blocks)))
+    resident = onload.resident_bytes()
+    calib = 2 * len(next(iter(calibs.values()))) * hidden  # a block's inputs and outputs, all windows
+    widest = max(weight_matrix(m).shape[1] for m in onload.blocks[0].modules() if is_linear(m))
+    # GPTQ: the float64 sum of X^T X and about five float32 in x in matrices of the solve, measured
+    work = 48 * widest**2 if "gptq" in args.method else 0
+    logits = 3 * args.batch_size * args.seq_len * model.config.vocab_size * 4  # a batch's float logits, log-probabilities
+    need = resident + block + max(calib + work, logits + 2 * args.batch_size * hidden)
+    if need > args.max_memory:
+        raise UsageError(f"--max_memory {args.max_memory / mib:.0f} MiB is too small: the model outside its blocks takes "
+                         f"{resident / mib:.0f} MiB, its largest block {block / mib:.0f} MiB, {args.calib_samples} calibration "
+                         f"windows' activations {calib / mib:.0f} MiB" + (f", GPTQ's work {work / mib:.0f} MiB" if work else "")
+                         + f" and a batch's logits {logits / mib:.0f} MiB (at least {need / mib:.0f} MiB)")
+    onload.chunk = max(args.batch_size, int((args.max_memory - resident - block - logits) // (2 * hidden)))
+    print(f"--max_memory {args.max_memory / mib:.0f} MiB: blocks read from disk one at a time ({block / mib:.1f} MiB the "
+          f"largest; {resident / mib:.1f} MiB stays), evaluation {onload.chunk} windows a pass")
 
 
 def candidates(args) -> list[QScheme]:
@@ -376,9 +442,9 @@ def main(argv=None):
                          "quantized KV cache are not part of them; drop --save_model / --export or --rotation / --kv_bits")
     device = distributed.init(pick_device(args.device))  # under torchrun: this rank's device (quant.distributed)
     if distributed.world() > 1:
-        if args.device_map or args.save_model or args.export or args.budget_bits or args.budget_bytes:
+        if args.device_map or args.max_memory or args.save_model or args.export or args.budget_bits or args.budget_bytes:
             raise UsageError("under torchrun, ranks calibrate and evaluate a model each holds whole: drop --device_map, "
-                             "--save_model, --export and --budget_bits / --budget_bytes, or run one process")
+                             "--max_memory, --save_model, --export and --budget_bits / --budget_bytes, or run one process")
         if -(-args.calib_samples // args.batch_size) < distributed.world():
             raise UsageError(f"{args.calib_samples} calibration windows in batches of {args.batch_size} give fewer batches "
                              f"than the {distributed.world()} ranks: each rank needs one")
@@ -408,6 +474,11 @@ def main(argv=None):
     if budgets and (args.export or args.quantize_embeddings or args.device_map):
         raise UsageError("--budget_bits / --budget_bytes allocate the linear layers of a model in memory: "
                          "drop --export, --quantize_embeddings and --device_map")
+    if args.max_memory and (args.device_map or args.save_model or args.export or budgets or args.quantize_embeddings
+                            or set(args.rotation) - {"none"} or args.kv_bits or "hqq" in args.method):
+        raise UsageError("--max_memory quantizes one decoder block at a time: drop --device_map, --save_model, --export, "
+                         "--budget_bits / --budget_bytes, --quantize_embeddings, --rotation, --kv_bits and --method hqq, "
+                         "which need the whole model at once")
     if budgets and args.w_format != "int":
         raise UsageError(f"--budget_bits / --budget_bytes choose among integer schemes: drop --w_format {args.w_format}")
     if any(g < 0 for g in args.mp_groups):
@@ -439,7 +510,17 @@ def main(argv=None):
     calibs = {seed: calib_windows(calib_ids, args.calib_samples, args.seq_len, seed) for seed in seeds}
     if args.no_progress:
         hide_library_bars()
-    model = load_model(args.model_name, device, dtype, args.gguf_file, args.device_map)
+    import_model_code(args.model_name, args.gguf_file)
+    reset_peak_rss()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    rss_at_load = rss_mb()
+    work = tempfile.TemporaryDirectory(prefix="onload-") if args.max_memory else None  # quantized blocks, per row
+    if args.max_memory:
+        model = load_onloaded(args.model_name, device, dtype, os.path.join(work.name, "float"), args.gguf_file)
+        fit_memory(model, args, calibs)
+    else:
+        model = load_model(args.model_name, device, dtype, args.gguf_file, args.device_map)
     eval_tokens = windows.numel()
     source, source_gguf, _ = resolve_model(args.model_name, args.gguf_file)
     source_gguf = os.path.join(source, source_gguf) if source_gguf else None
@@ -476,8 +557,14 @@ def main(argv=None):
 
     fp32_ppl, fp32_eval = None, None
 
-    def record(row):  # each row lands as soon as it exists: a later failure loses nothing
-        row.update(peak_rss_mb=peak_rss_mb(), peak_gpu_mb=peak_gpu_mb(device), world_size=distributed.world(), **base)
+    def record(row, start):  # each row lands as soon as it exists: a later failure loses nothing
+        peak = peak_gpu_mb(device) if device.startswith("cuda") else (
+            round(peak_rss_mb() - start, 1) if start is not None else None)
+        if args.max_memory and peak is not None and peak * 2**20 > args.max_memory:
+            row["notes"] = "; ".join(filter(None, [row.get("notes"), f"measured peak {peak} MiB above --max_memory"]))
+        row.update(peak_rss_mb=peak_rss_mb(), peak_gpu_mb=peak_gpu_mb(device), world_size=distributed.world(),
+                   rss_at_start_mb=start, model_peak_mb=peak,
+                   max_memory_mb=round(args.max_memory / 2**20, 1) if args.max_memory else None, **base)
         if distributed.is_main():
             results.add(row)
 
@@ -491,7 +578,7 @@ def main(argv=None):
                     seconds=round(time.time() - t0, 2), notes="", recipe="", recipe_id="fp32",
                     **intervals(fp32_eval, None), kld=0.0, kld_ci_low=0.0, kld_ci_high=0.0, kld_p99=0.0, top1_agree=1.0,
                     ln_ppl_ratio=0.0, ln_ppl_ratio_ci_low=0.0, ln_ppl_ratio_ci_high=0.0, seed=seeds[0],
-                    rotation="none", kv_bytes_per_token=kv_bytes_per_token(model.config, None)))
+                    rotation="none", kv_bytes_per_token=kv_bytes_per_token(model.config, None)), rss_at_load)
         print(f"FP32 perplexity {fp32_ppl:.3f}  ({fp32_size} bytes)")
 
     sensitivities = {}  # (seed, weight observer): {layer: [KL per candidate]}
@@ -538,7 +625,14 @@ def main(argv=None):
             recipe = mixed_recipe(recipe, cands, sens, model, budget, fp32_size)
         t0 = time.time()
         method, w_bits, act = recipe.method, recipe.weight.bits, recipe.act
-        if args.device_map:
+        reset_peak_rss()  # each row's peak is its own, over what the process held when it began
+        rss_at_start = rss_mb()
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        if args.max_memory:  # the float blocks are read from the checkpoint again; this row's quantized ones go here
+            qmodel = load_onloaded(args.model_name, device, dtype, os.path.join(work.name, "row"), args.gguf_file)
+            qmodel.onload.chunk = model.onload.chunk
+        elif args.device_map:
             qmodel = load_model(args.model_name, device, dtype, args.gguf_file, args.device_map)
         else:
             qmodel = copy.deepcopy(model)
@@ -581,11 +675,11 @@ def main(argv=None):
             exports = [export(qmodel, fmt, os.path.join(args.models_dir, EXPERIMENT, tag), tok, source_gguf, windows,
                               args, device, dtype) for fmt in args.export]
         except BaseException:
-            record(row)  # the measured row lands even when an export fails
+            record(row, rss_at_start)  # the measured row lands even when an export fails
             raise
         if exports:
             row.update({k: ";".join(str(e[k]) for e in exports) for k in EXPORT_FIELDS})
-        record(row)
+        record(row, rss_at_start)
         print(f"{label:44s}" + (f" seed {seed}" if len(seeds) > 1 else "")
               + f" perplexity {ppl:.3f}  size {size} bytes ({size / fp32_size:.1%} of float)  quantize {t_quant:.1f}s"
               + (f"  [{notes}]" if notes else ""))
@@ -602,6 +696,8 @@ def main(argv=None):
                 tok.save_pretrained(folder)  # (no config.json: from_pretrained refuses the folder; llm.load_quantized_model reads it)
                 print(f"saved {folder}")
         del qmodel
+        if work is not None:
+            shutil.rmtree(os.path.join(work.name, "row"))
     print(results.summary())
     return results.rows
 

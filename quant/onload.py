@@ -9,12 +9,13 @@ modified and never held. `quantize_model` and `llm.evaluate` see `model.onload` 
 block; peak memory is then one block, the rest of the model, and the hidden states that flow
 between blocks (calibration: all its windows; evaluation: `chunk` windows at a time).
 """
+import ctypes
 import json
 import os
+import struct
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 
 from .arch import block_prefix, decoder_blocks
 
@@ -52,6 +53,51 @@ def checkpoint_files(folder: str) -> list[str]:
     return [os.path.join(folder, n) for n in names]
 
 
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def safetensors_header(path: str) -> tuple[dict, int]:
+    """({name: {dtype, shape, data_offsets}}, where the data starts) of a safetensors file."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def read_tensor(path: str, entry: dict, start: int) -> torch.Tensor:
+    """One tensor of a safetensors file, read into memory of its own (a memory map of the file would
+    count its pages towards the process's memory while it is open)."""
+    begin, end = entry["data_offsets"]
+    buf = torch.empty(end - begin, dtype=torch.uint8)
+    with open(path, "rb") as f:
+        f.seek(start + begin)
+        if f.readinto(memoryview(buf.numpy())) != end - begin:
+            raise ValueError(f"{path} is truncated")
+    return buf.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
+def _trim() -> None:
+    """Hand freed heap memory back to the system (glibc): freed blocks would otherwise stay in the
+    allocator's arenas, and the process would grow by a fragment of every block it has read."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _map_large_buffers() -> None:
+    """glibc: serve every buffer of 1 MiB or more by its own memory map, given back to the system
+    when freed (by default the threshold creeps up to 32 MiB after the first frees, and the blocks'
+    and GPTQ's matrices then fragment the heap: the process grew with every block it had read)."""
+    try:
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _set(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
     owner, _, leaf = name.rpartition(".")
     owner = module.get_submodule(owner) if owner else module
@@ -67,14 +113,15 @@ class Onload:
     def __init__(self, model: nn.Module, files: list[str], device, dtype: torch.dtype, folder: str):
         self.model, self.device, self.dtype, self.folder = model, torch.device(device), dtype, folder
         self.blocks, self.prefix = decoder_blocks(model), block_prefix(model)
-        self.file_of = {}
+        self.file_of, self.headers = {}, {}
         for f in files:
-            with safe_open(f, "pt") as h:
-                self.file_of.update({k: f for k in h.keys()})
+            self.headers[f] = safetensors_header(f)
+            self.file_of.update({k: f for k in self.headers[f][0]})
         # checkpoints of some architectures (GPT-2) name tensors without the base model's prefix
         base = getattr(model, "base_model_prefix", "")
         self.strip = f"{base}." if base and not any(k.startswith(f"{base}.") for k in self.file_of) else ""
         self.kept, self.kept_bytes = set(), {}
+        _map_large_buffers()
         self.chunk = 64  # windows evaluated per pass over the blocks (their hidden states are held)
         os.makedirs(folder, exist_ok=True)
 
@@ -88,15 +135,12 @@ class Onload:
     def read(self, names: list[str], on: torch.device | None = None) -> dict:
         """{name: tensor} read from the checkpoint in this run's dtype, onto `on` (default: the device)."""
         on = on or self.device
-        by_file = {}
-        for n in names:
-            by_file.setdefault(self.file_of[self.key(n)], []).append(n)
         out = {}
-        for f, group in by_file.items():
-            with safe_open(f, "pt", device=str(on)) as h:
-                for n in group:
-                    t = h.get_tensor(self.key(n))
-                    out[n] = t.to(self.dtype) if t.is_floating_point() else t
+        for n in names:
+            f = self.file_of[self.key(n)]
+            header, start = self.headers[f]
+            t = read_tensor(f, header[self.key(n)], start)
+            out[n] = (t.to(self.dtype) if t.is_floating_point() else t).to(on)
         return out
 
     def _path(self, i: int) -> str:
@@ -125,9 +169,10 @@ class Onload:
             self.kept_bytes[i] = quantized_size_bytes(block)
         if i in self.kept:  # read back whole next time: nothing of it stays
             block.to("meta")
-            return
-        for name, p in list(block.named_parameters()):  # buffers stay: the non-persistent ones are not in the checkpoint
-            _set(block, name, torch.empty_like(p, device="meta"))
+        else:
+            for name, p in list(block.named_parameters()):  # buffers stay: the non-persistent ones are not in the checkpoint
+                _set(block, name, torch.empty_like(p, device="meta"))
+        _trim()
 
     def block_bytes(self, i: int) -> int:
         """Bytes of block i's float weights in this run's dtype."""
@@ -144,8 +189,14 @@ class Onload:
         return total
 
     def float_bytes(self) -> int:
-        """Bytes of the float model: every tensor it holds, in memory or on disk."""
-        return self.resident_bytes() + sum(self.block_bytes(i) for i in range(len(self.blocks)))
+        """Bytes of the float model's parameters and buffers (as quant.float_size_bytes counts them),
+        in memory or on disk."""
+        seen, total = set(), 0
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            if t.device.type != "meta" and (t.untyped_storage().data_ptr(), t.shape) not in seen:
+                seen.add((t.untyped_storage().data_ptr(), t.shape))
+                total += t.numel() * t.element_size()
+        return total + sum(self.block_bytes(i) for i in range(len(self.blocks)))
 
     def quantized_bytes(self) -> int:
         """What save_quantized would write: each quantized block's packed tensors plus the rest, once."""
