@@ -294,29 +294,35 @@ def peak_gpu_mb(device: str):
 
 
 def fit_memory(model, args, calibs) -> None:
-    """Refuse a --max_memory that one block, the rest of the model, the calibration activations and
-    (for GPTQ) the largest layer's Hessian work exceed; else size the evaluation's chunk of windows
-    (their hidden states) to what is left. An estimate: each row records the measured peak."""
+    """Refuse a --max_memory that one block, the rest of the model, the calibration activations,
+    GPTQ's Hessian work and one block call over a batch exceed; else give GPTQ's merged block calls
+    and the evaluation's chunk of windows what is left. An estimate: each row records the measured peak."""
     from quant.arch import is_linear
-    onload, mib = model.onload, 2**20
+    onload, cfg, mib = model.onload, model.config, 2**20
     width = torch.finfo(DTYPES[args.dtype]).bits // 8
-    hidden = model.config.hidden_size * args.seq_len * width  # one window's hidden states
+    hidden = cfg.hidden_size * args.seq_len * width  # one window's hidden states
     block = max(onload.block_bytes(i) for i in range(len(onload.blocks)))
     resident = onload.resident_bytes()
     calib = 2 * len(next(iter(calibs.values()))) * hidden  # a block's inputs and outputs, all windows
     widest = max(weight_matrix(m).shape[1] for m in onload.blocks[0].modules() if is_linear(m))
     # GPTQ: the float64 sum of X^T X and about five float32 in x in matrices of the solve, measured
     work = 48 * widest**2 if "gptq" in args.method else 0
-    logits = 3 * args.batch_size * args.seq_len * model.config.vocab_size * 4  # a batch's float logits, log-probabilities
-    need = resident + block + max(calib + work, logits + 2 * args.batch_size * hidden)
+    inner = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * cfg.hidden_size
+    per_token = width * (6 * cfg.hidden_size + 3 * inner)  # what a block call holds per token (estimated)
+    batch_call = args.batch_size * args.seq_len * per_token
+    logits = 3 * args.batch_size * args.seq_len * cfg.vocab_size * 4  # a batch's float logits, log-probabilities
+    need = resident + block + max(calib + work + batch_call, logits + batch_call + 2 * args.batch_size * hidden)
     if need > args.max_memory:
         raise UsageError(f"--max_memory {args.max_memory / mib:.0f} MiB is too small: the model outside its blocks takes "
                          f"{resident / mib:.0f} MiB, its largest block {block / mib:.0f} MiB, {args.calib_samples} calibration "
                          f"windows' activations {calib / mib:.0f} MiB" + (f", GPTQ's work {work / mib:.0f} MiB" if work else "")
-                         + f" and a batch's logits {logits / mib:.0f} MiB (at least {need / mib:.0f} MiB)")
-    onload.chunk = max(args.batch_size, int((args.max_memory - resident - block - logits) // (2 * hidden)))
+                         + f", a block call over a batch {batch_call / mib:.0f} MiB and a batch's logits {logits / mib:.0f} "
+                         f"MiB (at least {need / mib:.0f} MiB; a smaller --batch_size or --calib_samples needs less)")
+    onload.pass_tokens = int((args.max_memory - resident - block - calib - work) // per_token)
+    onload.chunk = max(args.batch_size, int((args.max_memory - resident - block - logits - batch_call) // (2 * hidden)))
     print(f"--max_memory {args.max_memory / mib:.0f} MiB: blocks read from disk one at a time ({block / mib:.1f} MiB the "
-          f"largest; {resident / mib:.1f} MiB stays), evaluation {onload.chunk} windows a pass")
+          f"largest; {resident / mib:.1f} MiB stays), evaluation {onload.chunk} windows a pass"
+          + (f", GPTQ block calls of at most {onload.pass_tokens} tokens" if work else ""))
 
 
 def candidates(args) -> list[QScheme]:

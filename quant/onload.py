@@ -123,6 +123,7 @@ class Onload:
         self.kept, self.kept_bytes = set(), {}
         _map_large_buffers()
         self.chunk = 64  # windows evaluated per pass over the blocks (their hidden states are held)
+        self.pass_tokens = None  # at most this many tokens in one of GPTQ's merged block calls (None: its default)
         os.makedirs(folder, exist_ok=True)
 
     def key(self, name: str) -> str:

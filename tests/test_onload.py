@@ -44,6 +44,7 @@ def test_onloaded_equals_in_memory(tmp_path, stories, name):
     ref = quantize_model(copy.deepcopy(model), recipe, calib.split(4), progress=False)
     onl = load_onloaded(STORIES, "cpu", torch.float32, str(tmp_path / "blocks"))
     onl.onload.chunk = 5  # several passes over the blocks, one batch left over
+    onl.onload.pass_tokens = 128  # GPTQ's block calls over 2 windows, not all 8 merged: the same sums
     quantize_model(onl, recipe, calib.split(4), progress=False)
     assert len(os.listdir(tmp_path / "blocks")) == len(onl.onload.blocks)  # every block written, nothing else
     a, b = evaluate(ref, test, 4, "cpu", progress=False), evaluate(onl, test, 4, "cpu", progress=False)
