@@ -9,7 +9,8 @@ Each run is a fresh process (`--worker`) that loads the float model onto the dev
 (timed alone: the quantize call, CUDA synchronized; loading and evaluation excluded) and scores
 it with this project's evaluation on the same test windows. Runs:
   ours           quantize_model, GPTQ act-order, true-sequential (each layer's Hessian from the
-                 inputs it gets with the layers before it in its block quantized), min-max / MSE ranges
+                 inputs it gets with the layers before it in its block quantized; "layerwise": all
+                 from the block's float pass, as llm-compressor does), min-max / MSE ranges
                  (squared error over clip ratios 0.05..1, or llm-compressor's |error|^2.4 over 0.81..1);
                  its block passes run on up to 16384 calibration tokens at once whatever --batch_size
                  (quant.recipe.GPTQ_PASS_TOKENS; peak_mib shows what that costs), and its column loop
@@ -31,11 +32,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from peers import device_name, float_copy, run_worker, sync  # noqa: E402
 
-RUNS = {  # name -> (implementation, range choice, its arguments)
+RUNS = {  # name -> (implementation, range choice, its arguments[, true-sequential: ours only, default True])
     "ours minmax": ("ours", "minmax", {}),
     "ours mse": ("ours", "mse", {}),
     # llm-compressor's search: |error|^2.4 over the clip ratios 0.81..1
     "ours mse norm2.4": ("ours", "mse", {"norm": 2.4, "min_ratio": 0.81}),
+    # every layer's Hessian from the block's float pass, as llm-compressor's pipeline does (not true-sequential)
+    "ours minmax layerwise": ("ours", "minmax", {}, False),
+    "ours mse norm2.4 layerwise": ("ours", "mse", {"norm": 2.4, "min_ratio": 0.81}, False),
     "llm-compressor minmax": ("llm-compressor", "memoryless_minmax", {}),
     "llm-compressor mse": ("llm-compressor", "memoryless_mse", {}),
 }
@@ -44,7 +48,8 @@ RUNS = {  # name -> (implementation, range choice, its arguments)
 def quantize_ours(model, calib, spec):
     from quant import QScheme, Recipe, quantize_model
     recipe = Recipe(weight=QScheme(spec["bits"], symmetric=False, granularity="group", group_size=spec["group_size"]),
-                    method="gptq", method_args={"act_order": True}, w_observer=spec["ranges"],
+                    method="gptq", method_args={"act_order": True, "true_sequential": spec["true_sequential"]},
+                    w_observer=spec["ranges"],
                     w_observer_args=spec["range_args"])
     quantize_model(model, recipe, calib.split(spec["batch_size"]), progress=False)
     return recipe.describe()
@@ -120,9 +125,10 @@ def main(argv=None):
     with float_copy(args.model_name, args.calib_samples, args.seq_len, args.seed, args.eval_samples) as (folder, windows, n_test):
         for rep in range(args.repeats):
             for name in args.runs:
-                impl, ranges, range_args = RUNS[name]
-                spec = dict(impl=impl, ranges=ranges, range_args=range_args, model_name=folder, device=device, bits=args.bits,
-                            group_size=args.group_size, batch_size=args.batch_size, windows=windows)
+                impl, ranges, range_args, *order = RUNS[name]
+                spec = dict(impl=impl, ranges=ranges, range_args=range_args, true_sequential=(order or [True])[0],
+                            model_name=folder, device=device, bits=args.bits, group_size=args.group_size,
+                            batch_size=args.batch_size, windows=windows)
                 out = run_worker(__file__, sys.executable if impl == "ours" else args.peer_python, spec, name)
                 print(f"{name:24s} quantize {out['quantize_s']:7.2f} s  perplexity {out['perplexity']:.3f}", flush=True)
                 row = dict(run=name, **out, repeat=rep, model=args.model_name, w_bits=args.bits,

@@ -214,7 +214,7 @@ def _result_shapes(W: torch.Tensor, scheme: QScheme) -> list:
 
 @torch.no_grad()
 def gptq_block(block, inputs: list, scheme_for, a_scheme=None, skip=(), float_inputs: list | None = None,
-               gptaq_alpha: float = 1.0, **gptq_kwargs) -> None:
+               gptaq_alpha: float = 1.0, true_sequential: bool = True, **gptq_kwargs) -> None:
     """GPTQ on every linear of one decoder block, true-sequentially: for each group of layers in
     block order (q/k/v, o, gate/up, down), one pass over the calibration inputs through the block
     as quantized so far collects the group's Hessian, then its weights are quantized and the
@@ -222,7 +222,9 @@ def gptq_block(block, inputs: list, scheme_for, a_scheme=None, skip=(), float_in
     (static ones are calibrated after the block is quantized): the Hessians see quantized
     weights and float activations. With float_inputs (the float model's inputs to this block,
     batch for batch), GPTAQ: each layer's float input comes from a float copy of the block, and
-    the weight is quantized towards reproducing the float layer on it (gptaq_target)."""
+    the weight is quantized towards reproducing the float layer on it (gptaq_target).
+    true_sequential=False: every group's Hessian from one pass over the block as it came (float
+    weights), as llm-compressor's layer-by-layer pipeline does, then all groups quantized."""
     from .arch import is_linear, scale_groups, weight_matrix
     from .calibrate import activation_quant_disabled
     from .modules import QuantLinear, replace_module
@@ -235,17 +237,27 @@ def gptq_block(block, inputs: list, scheme_for, a_scheme=None, skip=(), float_in
         for n in names[1:]:
             owner[n] = names[0]
     float_block = copy.deepcopy(block) if float_inputs is not None else None
-    solves = 0
-    for lead in dict.fromkeys(owner.values()):  # group leaders, in block order
-        hessian = Hessian(weight_matrix(linears[lead]).shape[1], device=linears[lead].weight.device)
+    leads = list(dict.fromkeys(owner.values()))  # group leaders, in block order
+    hessians = {}
+    if not true_sequential:  # (GPTAQ is refused by Recipe: it compares each layer's quantized input with its float one)
+        hessians = {lead: Hessian(weight_matrix(linears[lead]).shape[1], device=linears[lead].weight.device) for lead in leads}
         with activation_quant_disabled(block):
-            if float_block is None:
-                collect_inputs(block, inputs, {lead: block.get_submodule(lead)}, lambda name, x: hessian.add(x))
-            else:  # batch by batch: the float layer input of a batch, then the quantized one
-                for inp, finp in zip(inputs, float_inputs):
-                    got = []
-                    collect_inputs(float_block, [finp], {lead: float_block.get_submodule(lead)}, lambda name, x: got.append(x))
-                    collect_inputs(block, [inp], {lead: block.get_submodule(lead)}, lambda name, x: hessian.add(x, got[0]))
+            collect_inputs(block, inputs, {lead: block.get_submodule(lead) for lead in leads},
+                           lambda name, x: hessians[name].add(x))
+    solves = 0
+    for lead in leads:
+        hessian = hessians.get(lead)
+        if hessian is None:  # true-sequential: from the block as quantized so far
+            hessian = Hessian(weight_matrix(linears[lead]).shape[1], device=linears[lead].weight.device)
+            with activation_quant_disabled(block):
+                if float_block is None:
+                    collect_inputs(block, inputs, {lead: block.get_submodule(lead)}, lambda name, x: hessian.add(x))
+                else:  # batch by batch: the float layer input of a batch, then the quantized one
+                    for inp, finp in zip(inputs, float_inputs):
+                        got = []
+                        collect_inputs(float_block, [finp], {lead: float_block.get_submodule(lead)},
+                                       lambda name, x: got.append(x))
+                        collect_inputs(block, [inp], {lead: block.get_submodule(lead)}, lambda name, x: hessian.add(x, got[0]))
         hessian.reduce()
         names = [n for n in linears if owner[n] == lead]
         schemes = {n: scheme_for(n, linears[n]) for n in names}

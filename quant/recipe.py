@@ -24,7 +24,7 @@ from .scheme import QScheme
 # each method's arguments and their defaults: a recipe always holds all of them, filled in
 METHOD_ARGS = {
     "rtn": {},
-    "gptq": {"block_size": 128, "damp": 0.01, "act_order": False, "gptaq": False, "gptaq_alpha": 1.0},
+    "gptq": {"block_size": 128, "damp": 0.01, "act_order": False, "gptaq": False, "gptaq_alpha": 1.0, "true_sequential": True},
     "awq": {"grid": 20, "tokens": 4096},
     "smoothquant": {"alpha": 0.5},
     "hqq": {"iters": 20, "lp_norm": 0.7, "beta": 10.0, "kappa": 1.01, "round_start": False},
@@ -33,7 +33,7 @@ METHOD_ARGS = {
 }
 # arguments added after recipes first carried ids: written into the JSON only when not at their
 # default, so that every recipe that existed before keeps its id (and its rows and artefacts)
-LATER_ARGS = {"gptq": {"gptaq": False, "gptaq_alpha": 1.0}, "mse": {"norm": 2.0, "min_ratio": 0.05}}
+LATER_ARGS = {"gptq": {"gptaq": False, "gptaq_alpha": 1.0, "true_sequential": True}, "mse": {"norm": 2.0, "min_ratio": 0.05}}
 GPTQ_PASS_TOKENS = 16384  # calibration tokens per block call in GPTQ (32 windows of 512: ~0.3 GB of fp32 attention)
 W_OBSERVERS = ("minmax", "mse", "percentile")
 A_OBSERVERS = ("minmax", "ema", "percentile", "mse", "entropy")
@@ -112,6 +112,8 @@ class Recipe:
         if bad:
             raise ValueError(f"{self.method} arguments out of range: {a} (iters >= 0; hqq: 0 < lp_norm <= 1, beta > 0, "
                              f"kappa >= 1; signround: batch >= 1; gptq: 0 < gptaq_alpha <= 1)")
+        if self.method == "gptq" and a["gptaq"] and not a["true_sequential"]:
+            raise ValueError("GPTAQ compares each layer's quantized input with its float one: it needs true_sequential=True")
         if self.method == "qat" and dict(self.method_args)["mode"] not in ("ste", "lsq"):
             raise ValueError(f"qat mode must be 'ste' or 'lsq', got {dict(self.method_args)['mode']!r}")
         if self.w_observer not in W_OBSERVERS:
@@ -350,6 +352,7 @@ def _quantize_layers(model: nn.Module, recipe: Recipe, batches, progress: bool) 
                             minmax=args["minmax"], seed=index)
         elif recipe.method == "gptq":
             gptq_block(block, inputs, scheme_for, recipe.activation, float_inputs=float_inputs, gptaq_alpha=args["gptaq_alpha"],
+                       true_sequential=args["true_sequential"],
                        block_size=args["block_size"], percdamp=args["damp"], act_order=args["act_order"],
                        mse=recipe.w_observer == "mse" and dict(recipe.w_observer_args))
         elif recipe.method == "awq":

@@ -8,7 +8,7 @@ from conftest import DATA
 
 import ptq_llm
 from llm import calib_windows, tokenize, wikitext_text
-from quant import QScheme, Quantizer, quantize_linears
+from quant import QScheme, Quantizer, Recipe, quantize_linears
 from quant.arch import decoder_blocks, is_linear, scale_groups, weight_matrix
 from quant.gptq import Hessian, gptq_block, gptq_quantize
 from quant.modules import layer_scheme
@@ -134,6 +134,29 @@ def test_gptq_block_stacks_layers_sharing_a_hessian_exactly(source, act_order, m
         assert torch.equal(weight_matrix(got), q)
         assert torch.equal(got.weight_quant.scale, scale) and torch.equal(got.weight_quant.zero_point, zp)
         assert got.weight_quant.scale.untyped_storage().nbytes() == scale.numel() * 4  # its own storage, not the stack's
+
+
+def test_gptq_layerwise_takes_every_hessian_from_the_float_block(source):
+    """true_sequential=False: each layer is quantized on the Hessian of its input in the float block
+    (llm-compressor's pipeline); true-sequential differs from the second group of layers on."""
+    model, batches = load(source)
+    blocks = decoder_blocks(model)
+    inputs = first_block_inputs(model, blocks, batches, "cpu")
+    block = blocks[0]
+    linears = {n: m for n, m in block.named_modules() if is_linear(m)}
+    hessians = {n: Hessian(weight_matrix(m).shape[1]) for n, m in linears.items()}
+    collect_inputs(block, inputs, linears, lambda name, x: hessians[name].add(x))
+    want = {n: gptq_quantize(weight_matrix(m), hessians[n].H, scheme_for(n, m))[0] for n, m in linears.items()}
+    layerwise, sequential = copy.deepcopy(block), copy.deepcopy(block)
+    gptq_block(layerwise, inputs, scheme_for, true_sequential=False)
+    gptq_block(sequential, inputs, scheme_for)
+    for n in linears:
+        assert torch.equal(weight_matrix(layerwise.get_submodule(n)), want[n]), n
+    last = list(linears)[-1]  # (the MLP's output layer: its input has passed through quantized layers)
+    assert not torch.equal(weight_matrix(sequential.get_submodule(last)), want[last])
+    with pytest.raises(ValueError, match="true_sequential"):
+        Recipe(weight=QScheme(4, granularity="group", group_size=32), method="gptq",
+               method_args={"gptaq": True, "true_sequential": False})
 
 
 @pytest.mark.parametrize("algorithm", ["gptq", "awq"])
