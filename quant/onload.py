@@ -126,6 +126,9 @@ class Onload:
         self.pass_tokens = None  # at most this many tokens in one of GPTQ's merged block calls (None: its default)
         os.makedirs(folder, exist_ok=True)
 
+    def has(self, name: str) -> bool:
+        return (name[len(self.strip):] if self.strip and name.startswith(self.strip) else name) in self.file_of
+
     def key(self, name: str) -> str:
         k = name[len(self.strip):] if self.strip and name.startswith(self.strip) else name
         if k not in self.file_of:
@@ -133,15 +136,14 @@ class Onload:
                              "saved with the model's own tensor names")
         return k
 
-    def read(self, names: list[str], on: torch.device | None = None) -> dict:
-        """{name: tensor} read from the checkpoint in this run's dtype, onto `on` (default: the device)."""
-        on = on or self.device
+    def read(self, names: list[str]) -> dict:
+        """{name: tensor} read from the checkpoint in this run's dtype, onto the device."""
         out = {}
         for n in names:
             f = self.file_of[self.key(n)]
             header, start = self.headers[f]
             t = read_tensor(f, header[self.key(n)], start)
-            out[n] = (t.to(self.dtype) if t.is_floating_point() else t).to(on)
+            out[n] = (t.to(self.dtype) if t.is_floating_point() else t).to(self.device)
         return out
 
     def _path(self, i: int) -> str:
@@ -205,7 +207,6 @@ class Onload:
             raise ValueError("not every block is quantized yet")
         return self.resident_bytes() + sum(self.kept_bytes.values())
 
-
     @torch.no_grad()
     def logits(self, windows: torch.Tensor, batch_size: int, chunk: int, progress: bool = False):
         """(batch, logits) for each batch of `windows`, the same as model(batch).logits: `chunk` windows
@@ -250,8 +251,7 @@ def open_model(folder: str, config, device, dtype: torch.dtype, work_dir: str) -
     model.eval()
     onload = Onload(model, checkpoint_files(folder), device, dtype, work_dir)
     rest = [n for n, _ in model.named_parameters() if not n.startswith(onload.prefix)]
-    present = [n for n in rest if n[len(onload.strip):] in onload.file_of or n in onload.file_of]
-    for n, t in onload.read(present).items():
+    for n, t in onload.read([n for n in rest if onload.has(n)]).items():
         _set(model, n, t)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
