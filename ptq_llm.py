@@ -642,7 +642,7 @@ def main(argv=None):
             torch.cuda.reset_peak_memory_stats()
         if args.max_memory:  # the float blocks are read from the checkpoint again; this row's quantized ones go here
             qmodel = load_onloaded(args.model_name, device, dtype, os.path.join(work.name, "row"), args.gguf_file)
-            qmodel.onload.chunk = model.onload.chunk
+            qmodel.onload.chunk, qmodel.onload.pass_tokens = model.onload.chunk, model.onload.pass_tokens  # (fit_memory's)
         elif args.device_map:
             qmodel = load_model(args.model_name, device, dtype, args.gguf_file, args.device_map)
         else:
