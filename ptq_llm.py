@@ -175,8 +175,9 @@ def build_parser(prog=None):
     p.add_argument("--max_memory", type=size_type, default=None,
                    help="models larger than memory: keep the float weights in their safetensors checkpoint and read one "
                         "decoder block at a time (quant/onload.py), so that the model and its activations fit in SIZE "
-                        "(e.g. 2GiB) on the device; refused when the largest block, the rest of the model and the "
-                        "calibration activations do not. Each row records the measured peak (model_peak_mb)")
+                        "(e.g. 2GiB) on the device; refused up front when the largest block, the rest of the model, the "
+                        "calibration activations and the method's working set would not. Each row records the measured "
+                        "peak (model_peak_mb)")
     p.add_argument("--export", nargs="+", choices=list(EXPORT_FORMATS), default=[],
                    help="also write each quantized model as compressed-tensors (a folder transformers and vLLM load) "
                         "and/or gguf (Q8_0 for 5-8 bits, Q4_0 below; Llama only) under --models_dir, load it back "
