@@ -1,8 +1,8 @@
 """What depends on the model's architecture, in one place: which modules are linear layers and
 how their weights are oriented (GPT-2's Conv1D stores (in, out)), where the decoder blocks are and
-what follows them, which linears read the same input and what produces it (for the SmoothQuant / AWQ folds and the
-fused int4 decoding), and
-how a per-input-channel scale is folded into a producer and its consumers."""
+what follows them, which linears read the same input and what produces it (for the SmoothQuant /
+AWQ folds and the fused int4 decoding), and how a per-input-channel scale is folded into a
+producer and its consumers."""
 import torch
 import torch.nn as nn
 
