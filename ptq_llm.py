@@ -273,13 +273,17 @@ def rss_mb(key: str = "VmRSS") -> float | None:
     return round(kb / 1024, 1)
 
 
-def reset_peak_rss() -> None:
-    """Start the peak (VmHWM) afresh, where Linux allows: a row's peak is then its own run's."""
+def start_peaks(device: str) -> float | None:
+    """Start the peaks afresh (VmHWM where Linux allows it, and CUDA's) and return the resident memory
+    now: what a row's peak is measured over."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         pass
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    return rss_mb()
 
 
 def peak_rss_mb() -> float:
@@ -523,10 +527,7 @@ def main(argv=None):
     if args.no_progress:
         hide_library_bars()
     import_model_code(args.model_name, args.gguf_file)
-    reset_peak_rss()
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    rss_at_load = rss_mb()
+    rss_at_load = start_peaks(device)
     work = tempfile.TemporaryDirectory(prefix="onload-") if args.max_memory else None  # quantized blocks, per row
     if args.max_memory:
         model = load_onloaded(args.model_name, device, dtype, os.path.join(work.name, "float"), args.gguf_file)
@@ -637,10 +638,7 @@ def main(argv=None):
             recipe = mixed_recipe(recipe, cands, sens, model, budget, fp32_size)
         t0 = time.time()
         method, w_bits, act = recipe.method, recipe.weight.bits, recipe.act
-        reset_peak_rss()  # each row's peak is its own, over what the process held when it began
-        rss_at_start = rss_mb()
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
+        rss_at_start = start_peaks(device)  # each row's peak is its own, over what the process held when it began
         if args.max_memory:  # the float blocks are read from the checkpoint again; this row's quantized ones go here
             qmodel = load_onloaded(args.model_name, device, dtype, os.path.join(work.name, "row"), args.gguf_file)
             qmodel.onload.chunk, qmodel.onload.pass_tokens = model.onload.chunk, model.onload.pass_tokens  # (fit_memory's)

@@ -130,11 +130,13 @@ def bits_per_weight(model: torch.nn.Module) -> float:
 
 
 def float_size_bytes(model: torch.nn.Module) -> int:
-    """Bytes of all parameters and buffers, counting shared storage once."""
-    if getattr(model, "onload", None) is not None:
-        return model.onload.float_bytes()
-    seen, total = set(), 0
+    """Bytes of all parameters and buffers, counting shared storage once; a model whose blocks are on
+    disk (quant.onload) counts those in their float dtype."""
+    onload = getattr(model, "onload", None)
+    seen, total = set(), (0 if onload is None else sum(onload.block_bytes(i) for i in range(len(onload.blocks))))
     for t in list(model.parameters()) + list(model.buffers()):
+        if onload is not None and t.device.type == "meta":  # (a block on disk: counted above)
+            continue
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if key not in seen:
             seen.add(key)

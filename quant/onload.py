@@ -126,11 +126,14 @@ class Onload:
         self.pass_tokens = None  # at most this many tokens in one of GPTQ's merged block calls (None: its default)
         os.makedirs(folder, exist_ok=True)
 
+    def _checkpoint_name(self, name: str) -> str:
+        return name[len(self.strip):] if self.strip and name.startswith(self.strip) else name
+
     def has(self, name: str) -> bool:
-        return (name[len(self.strip):] if self.strip and name.startswith(self.strip) else name) in self.file_of
+        return self._checkpoint_name(name) in self.file_of
 
     def key(self, name: str) -> str:
-        k = name[len(self.strip):] if self.strip and name.startswith(self.strip) else name
+        k = self._checkpoint_name(name)
         if k not in self.file_of:
             raise ValueError(f"the checkpoint has no tensor {k!r} (the model's {name!r}): onloading needs a checkpoint "
                              "saved with the model's own tensor names")
@@ -190,16 +193,6 @@ class Onload:
                 seen.add((t.untyped_storage().data_ptr(), t.shape))
                 total += t.numel() * t.element_size()
         return total
-
-    def float_bytes(self) -> int:
-        """Bytes of the float model's parameters and buffers (as quant.float_size_bytes counts them),
-        in memory or on disk."""
-        seen, total = set(), 0
-        for t in list(self.model.parameters()) + list(self.model.buffers()):
-            if t.device.type != "meta" and (t.untyped_storage().data_ptr(), t.shape) not in seen:
-                seen.add((t.untyped_storage().data_ptr(), t.shape))
-                total += t.numel() * t.element_size()
-        return total + sum(self.block_bytes(i) for i in range(len(self.blocks)))
 
     def quantized_bytes(self) -> int:
         """What save_quantized would write: each quantized block's packed tensors plus the rest, once."""

@@ -359,9 +359,8 @@ def _quantize_layers(model: nn.Module, recipe: Recipe, batches, progress: bool) 
             awq_block(block, inputs, scheme_for, recipe.activation, n_grid=args["grid"], max_rows=args["tokens"])
         else:  # smoothquant: fold the smoothing scales, then round to nearest
             smooth_block(block, inputs, args["alpha"])
-            own = {n[len(f"{prefix}{index}."):]: sch for n, sch in recipe.layer_weights if n.startswith(f"{prefix}{index}.")}
             quantize_linears(block, recipe.weight, recipe.activation, group_fallback=recipe.group_fallback,
-                             w_observer=recipe.w_observer, overrides=own, **w_kw)
+                             w_observer=recipe.w_observer, overrides=_block_overrides(recipe, prefix, index), **w_kw)
         if static:  # static scales from this block's real inputs
             calibrate(block, inputs, observer=recipe.a_observer, forward=lambda m, inp: run_block(m, *inp),
                       progress=False, **a_kw)
@@ -381,6 +380,12 @@ def _quantize_layers(model: nn.Module, recipe: Recipe, batches, progress: bool) 
                          w_observer=recipe.w_observer, overrides=dict(recipe.layer_weights), **w_kw)
 
 
+def _block_overrides(recipe: Recipe, prefix: str, index: int) -> dict:
+    """recipe.layer_weights of block `index`, named inside the block."""
+    head = f"{prefix}{index}."
+    return {n[len(head):]: sch for n, sch in recipe.layer_weights if n.startswith(head)}
+
+
 def _rtn_blocks(model: nn.Module, recipe: Recipe, batches, progress: bool) -> None:
     """Round to nearest block by block, for a model whose blocks stay on disk. Static activation
     scales come from each block's inputs as the whole-model calibration sees them: quantized
@@ -393,9 +398,9 @@ def _rtn_blocks(model: nn.Module, recipe: Recipe, batches, progress: bool) -> No
     inputs = first_block_inputs(model, onload.blocks, distributed.shard_batches(batches), _device(model)) if static else None
     for i in tqdm(range(len(onload.blocks)), desc="rtn blocks", disable=not progress, leave=False):
         block = onload.load(i)
-        own = {n[len(f"{prefix}{i}."):]: sch for n, sch in recipe.layer_weights if n.startswith(f"{prefix}{i}.")}
         quantize_linears(block, recipe.weight, recipe.activation, group_fallback=recipe.group_fallback,
-                         w_observer=recipe.w_observer, overrides=own, **dict(recipe.w_observer_args))
+                         w_observer=recipe.w_observer, overrides=_block_overrides(recipe, prefix, i),
+                         **dict(recipe.w_observer_args))
         if static:
             calibrate(block, inputs, observer=recipe.a_observer, forward=lambda m, inp: run_block(m, *inp),
                       progress=False, **dict(recipe.a_observer_args))
