@@ -230,6 +230,14 @@ def wikitext_text(split: str, folder: str | None) -> str | None:
     return "\n\n".join(load_dataset("Salesforce/wikitext", WIKITEXT, split=split)["text"])
 
 
+def calibration_text(folder: str | None) -> tuple[str, str]:
+    """(split, text) to calibrate on: the train split, else validation (never test)."""
+    text = wikitext_text("train", folder)
+    if text is not None:
+        return "train", text
+    return "validation", wikitext_text("validation", folder)
+
+
 def tokenize(tok, text: str) -> torch.Tensor:
     return tok(text, return_tensors="pt", verbose=False).input_ids[0]  # verbose: no "longer than max length" warning
 

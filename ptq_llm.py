@@ -64,6 +64,7 @@ from cli import (
 )
 from llm import (
     calib_windows,
+    calibration_text,
     context_length,
     eval_windows,
     evaluate,
@@ -478,10 +479,8 @@ def main(argv=None):
     if ctx is not None and args.seq_len > ctx:
         raise UsageError(f"--seq_len {args.seq_len} exceeds the model's context length {ctx}")
     test_text = wikitext_text("test", args.data_dir)
-    calib_split = "train"
-    calib_text = wikitext_text("train", args.data_dir)
-    if calib_text is None:
-        calib_split, calib_text = "validation", wikitext_text("validation", args.data_dir)
+    calib_split, calib_text = calibration_text(args.data_dir)
+    if calib_split != "train":
         print("WikiText-2 train split not available: calibrating on the validation split")
     budgets = [("bits", b) for b in args.budget_bits] + [("bytes", b) for b in args.budget_bytes]
     if budgets and (set(args.rotation) - {"none"} or args.kv_bits):

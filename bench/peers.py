@@ -23,10 +23,10 @@ def float_copy(model_name: str, calib_samples: int, seq_len: int, seed: int, eva
     calibration / test windows, both in a temporary folder that is removed afterwards."""
     import torch
 
-    from llm import calib_windows, eval_windows, load_model, load_tokenizer, tokenize, wikitext_text
+    from llm import calib_windows, calibration_text, eval_windows, load_model, load_tokenizer, tokenize, wikitext_text
     from quant.export import as_float_model
     tok = load_tokenizer(model_name)
-    calib_text = wikitext_text("train", None) or wikitext_text("validation", None)
+    calib_text = calibration_text(None)[1]
     calib = calib_windows(tokenize(tok, calib_text), calib_samples, seq_len, seed)
     test = eval_windows(tokenize(tok, wikitext_text("test", None)), seq_len, eval_samples)
     with tempfile.TemporaryDirectory() as tmp:

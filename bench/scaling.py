@@ -44,9 +44,9 @@ def worker(spec):
         model = LlamaForCausalLM(LlamaConfig(**RANDOM_LLAMA[spec["random_llama"]])).eval().to(device)
         calib = torch.randint(0, model.config.vocab_size, (spec["calib_samples"], spec["seq_len"]), generator=g)
     else:
-        from llm import calib_windows, load_model, load_tokenizer, tokenize, wikitext_text
+        from llm import calib_windows, calibration_text, load_model, load_tokenizer, tokenize
         tok = load_tokenizer(spec["model_name"])
-        text = wikitext_text("train", None) or wikitext_text("validation", None)
+        text = calibration_text(None)[1]
         calib = calib_windows(tokenize(tok, text), spec["calib_samples"], spec["seq_len"], spec["seed"])
         model = load_model(spec["model_name"], device)
     recipe = Recipe(weight=QScheme(spec["bits"], symmetric=False, granularity="group", group_size=spec["group_size"]),
