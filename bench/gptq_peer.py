@@ -47,6 +47,9 @@ RUNS = {  # name -> (implementation, range choice, its arguments[, true-sequenti
 
 def quantize_ours(model, calib, spec):
     from quant import QScheme, Recipe, quantize_model
+    from quant import recipe as recipe_module
+    if spec["pass_tokens"]:
+        recipe_module.GPTQ_PASS_TOKENS = spec["pass_tokens"]
     recipe = Recipe(weight=QScheme(spec["bits"], symmetric=False, granularity="group", group_size=spec["group_size"]),
                     method="gptq", method_args={"act_order": True, "true_sequential": spec["true_sequential"]},
                     w_observer=spec["ranges"],
@@ -108,6 +111,9 @@ def main(argv=None):
     p.add_argument("--calib_samples", type=positive_int, default=128)
     p.add_argument("--seq_len", type=positive_int, default=512)
     p.add_argument("--batch_size", type=positive_int, default=4)
+    p.add_argument("--pass_tokens", type=positive_int, default=None,
+                   help="ours: calibration tokens per GPTQ block call (default quant.recipe.GPTQ_PASS_TOKENS); the sums "
+                        "are the same, only the float order of the block passes changes: a measure of that noise")
     p.add_argument("--eval_samples", type=positive_int, default=None, help="cap on test windows (default: the full split)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
@@ -128,12 +134,12 @@ def main(argv=None):
                 impl, ranges, range_args, *order = RUNS[name]
                 spec = dict(impl=impl, ranges=ranges, range_args=range_args, true_sequential=(order or [True])[0],
                             model_name=folder, device=device, bits=args.bits, group_size=args.group_size,
-                            batch_size=args.batch_size, windows=windows)
+                            batch_size=args.batch_size, pass_tokens=args.pass_tokens, windows=windows)
                 out = run_worker(__file__, sys.executable if impl == "ours" else args.peer_python, spec, name)
                 print(f"{name:24s} quantize {out['quantize_s']:7.2f} s  perplexity {out['perplexity']:.3f}", flush=True)
                 row = dict(run=name, **out, repeat=rep, model=args.model_name, w_bits=args.bits,
                            group_size=args.group_size, calib_samples=args.calib_samples, seq_len=args.seq_len,
-                           eval_windows=n_test, batch_size=args.batch_size, seed=args.seed, device=device,
+                           eval_windows=n_test, batch_size=args.batch_size, pass_tokens=args.pass_tokens, seed=args.seed, device=device,
                            device_name=device_name(device), code_version=code_version(), time=timestamp())
                 append_rows(os.path.join(args.results_dir, "bench_gptq.csv"), [row])
 
