@@ -337,13 +337,14 @@ def evaluate(model, windows: torch.Tensor, batch_size: int, device: str, progres
         scored = ((b, model(b).logits) for b in (w.to(device) for w in tqdm(windows.split(batch_size), desc=desc,
                                                                                    disable=not progress, leave=False)))
     for batch, logits in scored:
-        logits = logits[:, :-1].float()
-        flat, target = logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
+        flat, target = logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
+        del logits  # (vocabulary-wide tensors are what an evaluation's peak is made of: each dropped once dead)
         nll += float(F.cross_entropy(flat, target, reduction="sum"))
         count += target.numel()
         if not stats:
             continue
         logq = flat.log_softmax(-1)
+        del flat
         window_nll.append((-logq.gather(-1, target[:, None])).reshape(len(batch), -1).mean(1).cpu())
         if own is not None:
             own.add(logq)

@@ -714,17 +714,18 @@ def peers(command):
     def section(df, out_dir):
         if "w_symmetric" in df and "how" in df:  # (rows from before the column: their description says)
             df = df.assign(w_symmetric=df.w_symmetric.where(df.w_symmetric.notna(), ~df.how.str.contains("asym")))
-        key = [c for c in ("method", "w_bits", "a_bits", "w_symmetric", "group_size", "seed", "batch_size", "iters", "eval_windows",
-                           "calib_samples", "device_name", "run") if c in df.columns]
+        key = [c for c in ("method", "w_bits", "a_bits", "w_symmetric", "group_size", "seed", "batch_size", "pass_tokens", "iters",
+                           "eval_windows", "calib_samples", "device_name", "run") if c in df.columns]
         last = df.sort_values("time").groupby(key, sort=False, dropna=False).tail(1)
         last = last.sort_values([c for c in ("w_bits", "group_size", "seed", "batch_size") if c in last.columns],
                                 ascending=False, kind="stable")
-        cols = [c for c in ("method", "w_bits", "a_bits", "w_symmetric", "group_size", "seed", "batch_size", "calib_samples",
+        cols = [c for c in ("method", "w_bits", "a_bits", "w_symmetric", "group_size", "seed", "batch_size", "pass_tokens", "calib_samples",
                             "eval_windows", "run", "implementation",
                             "perplexity", "kld", "top1_agree", "weight_rel_mse", "quantize_s", "peak_mib", "device_name",
                             "code_version") if c in last.columns]
         t = last[cols].copy()
         for col, fmt in (("perplexity", "{:.3f}"), ("kld", "{:.4f}"), ("top1_agree", "{:.3f}"), ("weight_rel_mse", "{:.5f}"),
+                         ("pass_tokens", "{:.0f}"),
                          ("quantize_s", "{:.2f}"), ("peak_mib", "{:.0f}")):
             if col in t:
                 t[col] = [fmt.format(v) if pd.notna(v) else "" for v in t[col]]

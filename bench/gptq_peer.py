@@ -4,6 +4,7 @@ dampening 0.01, blocks of 128 columns) and batch size, in one command.
 
     python bench/gptq_peer.py --device cuda                        # -> results/bench_gptq.csv
     python bench/gptq_peer.py --peer_python /opt/lc/bin/python     # llm-compressor in its own env
+    python bench/gptq_peer.py --compare_ranges --peer_python ...   # do both pick the same MSE ranges?
 
 Each run is a fresh process (`--worker`) that loads the float model onto the device, quantizes it
 (timed alone: the quantize call, CUDA synchronized; loading and evaluation excluded) and scores
@@ -75,6 +76,35 @@ def quantize_llmcompressor(model, calib, spec):
     return f"GPTQModifier W{spec['bits']} g{spec['group_size']} asym actorder=static observer={spec['ranges']}"
 
 
+def ranges_worker(spec):
+    """In the peer's environment: for every linear layer of the float model, the share of groups
+    whose MSE range (|error|^2.4 over the clip ratios 0.81..1) differs between llm-compressor's
+    memoryless_mse observer and ours, on the original weights (GPTQ's static groups start from them);
+    prints one JSON line of {layer kind: share}."""
+    import torch
+    from compressed_tensors.quantization import QuantizationArgs
+    from llmcompressor.observers import Observer
+
+    from llm import load_model
+    from quant import QScheme
+    from quant.gptq import _params
+    model = load_model(spec["model_name"], spec["device"])
+    ours = QScheme(spec["bits"], symmetric=False, granularity="group", group_size=spec["group_size"])
+    differ = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, torch.nn.Linear) or name == "lm_head":
+            continue
+        w = m.weight.detach().float()
+        scale, _ = _params(w.reshape(-1, spec["group_size"]), ours, {"norm": 2.4, "min_ratio": 0.81})
+        args = QuantizationArgs(num_bits=spec["bits"], type="int", symmetric=False, strategy="group",
+                                group_size=spec["group_size"], observer="memoryless_mse")
+        observer = Observer.load_from_registry("memoryless_mse", base_name="weight", args=args)
+        theirs = observer(w).get_qparams()["scale"].reshape(-1).float()
+        kind = name.rsplit(".", 1)[-1]
+        differ.setdefault(kind, []).append(float(((scale.reshape(-1) - theirs).abs() > 1e-6 * theirs.abs()).float().mean()))
+    print(json.dumps({k: sum(v) / len(v) for k, v in differ.items()}))
+
+
 def worker(spec):
     """One run in this process: load, quantize (timed), evaluate; prints one JSON line."""
     import torch
@@ -121,14 +151,27 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda where there is one)")
     p.add_argument("--peer_python", default=sys.executable, help="Python of the environment that has llm-compressor")
     p.add_argument("--results_dir", default="results")
+    p.add_argument("--compare_ranges", action="store_true",
+                   help="instead of the runs: the share of groups whose MSE range differs between llm-compressor's "
+                        "observer and ours, per layer kind (results/bench_gptq_ranges.csv)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        return worker(json.loads(args.worker))
+        spec = json.loads(args.worker)
+        return ranges_worker(spec) if spec.get("ranges_only") else worker(spec)
     from results import append_rows, code_version, timestamp
     device = pick_device(args.device)
     check_writable(args.results_dir, "--results_dir")
     with float_copy(args.model_name, args.calib_samples, args.seq_len, args.seed, args.eval_samples) as (folder, windows, n_test):
+        if args.compare_ranges:
+            spec = dict(ranges_only=True, model_name=folder, device=device, bits=args.bits, group_size=args.group_size)
+            shares = run_worker(__file__, args.peer_python, spec, "range comparison")
+            print("groups whose MSE range differs (llm-compressor vs ours):", ", ".join(f"{k} {v:.5f}" for k, v in shares.items()))
+            append_rows(os.path.join(args.results_dir, "bench_gptq_ranges.csv"),
+                        [dict(layer=k, groups_differing=v, model=args.model_name, w_bits=args.bits, group_size=args.group_size,
+                              device=device, device_name=device_name(device), code_version=code_version(), time=timestamp())
+                         for k, v in shares.items()])
+            return
         for rep in range(args.repeats):
             for name in args.runs:
                 impl, ranges, range_args, *order = RUNS[name]
