@@ -767,6 +767,17 @@ def scaling(df, out_dir):
             "`python bench/scaling.py --ranks 1 2 4 --device cuda`\n\n" + md(df[cols]) + "\n")
 
 
+def gptq_ranges(df, out_dir):
+    """Whether our MSE search picks llm-compressor's group ranges: every run, as measured."""
+    t = df.pivot_table(index=["model", "w_bits", "group_size", "device_name", "code_version"], columns="layer",
+                       values="groups_differing", sort=False)
+    t = t.map(lambda v: f"{v:.1e}" if v == v else "").reset_index()  # (shares of 1e-5: md's two decimals would show 0.00)
+    return ("The share of weight groups whose MSE range (|error|^2.4 over the clip ratios 0.81..1) differs between "
+            "llm-compressor's memoryless_mse observer and ours, per layer kind over all blocks, on the float weights. "
+            "`python bench/gptq_peer.py --compare_ranges --peer_python <llm-compressor env>`\n\n"
+            + t.to_markdown(index=False, disable_numparse=True) + "\n")
+
+
 def onload(df, out_dir):
     """The same runs with the model in memory and with its blocks on disk (--max_memory), as measured."""
     df = df.copy()
@@ -788,6 +799,7 @@ SECTIONS = [("ptq_nn", "MNIST PTQ", ptq_nn), ("qat_nn", "MNIST QAT", qat_nn), ("
             ("bench_fakequant", "Fake-quant overhead", fakequant), ("bench_mlp", "Speed benchmark (mlp)", bench),
             ("bench_llm", "Speed benchmark (llm)", bench),
             ("bench_gptq", "GPTQ against llm-compressor", peers("bench/gptq_peer.py --device cuda --seed S")),
+            ("bench_gptq_ranges", "GPTQ's MSE ranges against llm-compressor's observer", gptq_ranges),
             ("bench_hqq", "HQQ against the hqq package", peers("bench/hqq_peer.py --device cuda")),
             ("bench_signround", "SignRound against AutoRound", peers("bench/signround_peer.py --device cuda")),
             ("bench_rotation", "Hadamard rotation against llm-compressor's SpinQuant transforms",
