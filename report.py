@@ -778,6 +778,20 @@ def gptq_ranges(df, out_dir):
             + t.to_markdown(index=False, disable_numparse=True) + "\n")
 
 
+def fp8_rotation(df, out_dir):
+    """FP8 W8A8 (E4M3 per-channel weights, per-token dynamic activations) with and without the Hadamard rotation."""
+    fp32 = df[df.method == "fp32"].perplexity.iloc[-1]
+    t = df[df.method != "fp32"].copy()
+    t["vs FP32"] = [f"{100 * (p / fp32 - 1):+.2f} %" for p in t.perplexity]
+    t["perplexity"], t["kld"] = [f"{p:.3f}" for p in t.perplexity], [f"{k:.4f}" for k in t.kld]
+    cols = ["model", "method", "rotation", "w_format", "a_format", "act", "calib_samples", "perplexity", "vs FP32", "kld",
+            "device", "code"]
+    return (f"FP32 {fp32:.3f} on 40 test windows of 512. `python ptq_llm.py --model_name models/SmolLM2-135M-f32 "
+            "--seq_len 512 --calib_samples 32 --eval_samples 40 --batch_size 4 --method rtn gptq --bits 8 --w_format fp8 "
+            "--a_format fp8 --act dynamic --act_order --rotation none hadamard --results_dir results/fp8_cpu`\n\n"
+            + t[cols].to_markdown(index=False, disable_numparse=True) + "\n")
+
+
 def onload(df, out_dir):
     """The same runs with the model in memory and with its blocks on disk (--max_memory), as measured."""
     df = df.copy()
@@ -806,6 +820,7 @@ SECTIONS = [("ptq_nn", "MNIST PTQ", ptq_nn), ("qat_nn", "MNIST QAT", qat_nn), ("
              peers("bench/rotation_peer.py --device cuda")),
             ("bench_fp8", "FP8 W8A8 layers against bf16", fp8),
             ("bench_scaling", "Data-parallel calibration", scaling),
+            ("fp8_cpu/ptq_llm", "FP8 W8A8 with a Hadamard rotation (CPU)", fp8_rotation),
             ("onload/ptq_llm", "Models larger than memory", onload)]
 DOCS_HEAD = """# Results
 
