@@ -182,7 +182,8 @@ def main(argv=None):
                 print(f"{name:24s} quantize {out['quantize_s']:7.2f} s  perplexity {out['perplexity']:.3f}", flush=True)
                 row = dict(run=name, **out, repeat=rep, model=args.model_name, w_bits=args.bits,
                            group_size=args.group_size, calib_samples=args.calib_samples, seq_len=args.seq_len,
-                           eval_windows=n_test, batch_size=args.batch_size, pass_tokens=args.pass_tokens, seed=args.seed, device=device,
+                           eval_windows=n_test, batch_size=args.batch_size, seed=args.seed, device=device,
+                           pass_tokens=args.pass_tokens if impl == "ours" else None,
                            device_name=device_name(device), code_version=code_version(), time=timestamp())
                 append_rows(os.path.join(args.results_dir, "bench_gptq.csv"), [row])
 
