@@ -768,7 +768,8 @@ def scaling(df, out_dir):
 
 
 def gptq_ranges(df, out_dir):
-    """Whether our MSE search picks llm-compressor's group ranges: every run, as measured."""
+    """Whether our MSE search picks llm-compressor's group ranges: one row per model, scheme, device and code
+    version (runs that share them averaged)."""
     t = df.pivot_table(index=["model", "w_bits", "group_size", "device_name", "code_version"], columns="layer",
                        values="groups_differing", sort=False)
     t = t.map(lambda v: f"{v:.1e}" if v == v else "").reset_index()  # (shares of 1e-5: md's two decimals would show 0.00)
@@ -779,7 +780,9 @@ def gptq_ranges(df, out_dir):
 
 
 def fp8_rotation(df, out_dir):
-    """FP8 W8A8 (E4M3 per-channel weights, per-token dynamic activations) with and without the Hadamard rotation."""
+    """FP8 W8A8 (E4M3 per-channel weights, per-token dynamic activations) with and without the Hadamard rotation:
+    the latest run's rows (those of the last row's code version)."""
+    df = df[df.code == df.sort_values("timestamp").code.iloc[-1]]
     fp32 = df[df.method == "fp32"].perplexity.iloc[-1]
     t = df[df.method != "fp32"].copy()
     t["vs FP32"] = [f"{100 * (p / fp32 - 1):+.2f} %" for p in t.perplexity]
