@@ -789,7 +789,9 @@ def fp8_rotation(df, out_dir):
     t["perplexity"], t["kld"] = [f"{p:.3f}" for p in t.perplexity], [f"{k:.4f}" for k in t.kld]
     cols = ["model", "method", "rotation", "w_format", "a_format", "act", "calib_samples", "perplexity", "vs FP32", "kld",
             "device", "code"]
-    return (f"FP32 {fp32:.3f} on 40 test windows of 512. `python ptq_llm.py --model_name models/SmolLM2-135M-f32 "
+    r = df.iloc[-1]
+    return (f"FP32 {fp32:.3f} on {int(r.eval_tokens // r.seq_len)} test windows of {int(r.seq_len)}. "
+            "`python ptq_llm.py --model_name models/SmolLM2-135M-f32 "
             "--seq_len 512 --calib_samples 32 --eval_samples 40 --batch_size 4 --method rtn gptq --bits 8 --w_format fp8 "
             "--a_format fp8 --act dynamic --act_order --rotation none hadamard --results_dir results/fp8_cpu`\n\n"
             + t[cols].to_markdown(index=False, disable_numparse=True) + "\n")
