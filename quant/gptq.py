@@ -238,9 +238,12 @@ def gptq_block(block, inputs: list, scheme_for, a_scheme=None, skip=(), float_in
             owner[n] = names[0]
     float_block = copy.deepcopy(block) if float_inputs is not None else None
     leads = list(dict.fromkeys(owner.values()))  # group leaders, in block order
+
+    def new_hessian(lead):
+        return Hessian(weight_matrix(linears[lead]).shape[1], device=linears[lead].weight.device)
     hessians = {}
     if not true_sequential:  # (GPTAQ is refused by Recipe: it compares each layer's quantized input with its float one)
-        hessians = {lead: Hessian(weight_matrix(linears[lead]).shape[1], device=linears[lead].weight.device) for lead in leads}
+        hessians = {lead: new_hessian(lead) for lead in leads}
         with activation_quant_disabled(block):
             collect_inputs(block, inputs, {lead: block.get_submodule(lead) for lead in leads},
                            lambda name, x: hessians[name].add(x))
@@ -248,7 +251,7 @@ def gptq_block(block, inputs: list, scheme_for, a_scheme=None, skip=(), float_in
     for lead in leads:
         hessian = hessians.get(lead)
         if hessian is None:  # true-sequential: from the block as quantized so far
-            hessian = Hessian(weight_matrix(linears[lead]).shape[1], device=linears[lead].weight.device)
+            hessian = new_hessian(lead)
             with activation_quant_disabled(block):
                 if float_block is None:
                     collect_inputs(block, inputs, {lead: block.get_submodule(lead)}, lambda name, x: hessian.add(x))

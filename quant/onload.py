@@ -143,9 +143,9 @@ class Onload:
         """{name: tensor} read from the checkpoint in this run's dtype, onto the device."""
         out = {}
         for n in names:
-            f = self.file_of[self.key(n)]
-            header, start = self.headers[f]
-            t = read_tensor(f, header[self.key(n)], start)
+            k = self.key(n)
+            header, start = self.headers[self.file_of[k]]
+            t = read_tensor(self.file_of[k], header[k], start)
             out[n] = (t.to(self.dtype) if t.is_floating_point() else t).to(self.device)
         return out
 
