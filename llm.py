@@ -113,9 +113,10 @@ def import_model_code(name: str, gguf_file: str | None = None) -> None:
         MODEL_FOR_CAUSAL_LM_MAPPING[type(load_config(name, gguf_file))]
 
 
-def load_onloaded(name: str, device: str, dtype: torch.dtype, work_dir: str, gguf_file: str | None = None):
+def load_onloaded(name: str, device: str, dtype: torch.dtype, work_dir: str, gguf_file: str | None = None, like=None):
     """The model with its decoder blocks left in the safetensors checkpoint, read one at a time
-    (quant.onload); quantized blocks are written to work_dir."""
+    (quant.onload); quantized blocks are written to work_dir; with `like`, an open model of the
+    same checkpoint, the tensors outside the blocks are shared with it."""
     from quant.onload import open_model
     source, kw = locate(name, gguf_file)
     if "gguf_file" in kw:
@@ -125,7 +126,7 @@ def load_onloaded(name: str, device: str, dtype: torch.dtype, work_dir: str, ggu
         source = snapshot_download(source, local_files_only=bool(kw.get("local_files_only")),
                                    allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
     try:
-        return open_model(source, load_config(name, gguf_file), device, dtype, work_dir)
+        return open_model(source, load_config(name, gguf_file), device, dtype, work_dir, like)
     except ValueError as e:
         raise UsageError(f"--max_memory: {e}") from None
 
@@ -291,7 +292,10 @@ class FloatReference:
         empty = rest <= 0
         if empty.any():  # no tail left (a vocabulary of K or fewer): draw anything, its weight is rest = 0
             tail[empty] = 1.0
-        draws = torch.multinomial(tail, self.m, replacement=True, generator=self.gen)
+        # in slices of rows: CUDA's multinomial makes three vocabulary-wide copies of what it is given
+        # (on a CPU, where it draws row after row from the generator, the slices draw the same tokens)
+        draws = torch.cat([torch.multinomial(t, self.m, replacement=True, generator=self.gen)
+                           for t in tail.split(max(1, (1 << 20) // tail.shape[-1]))])
         self.logp.append(v.cpu())
         self.idx.append(i.to(torch.int32).cpu())
         self.rest.append(rest.cpu())
@@ -337,14 +341,14 @@ def evaluate(model, windows: torch.Tensor, batch_size: int, device: str, progres
         scored = ((b, model(b).logits) for b in (w.to(device) for w in tqdm(windows.split(batch_size), desc=desc,
                                                                                    disable=not progress, leave=False)))
     for batch, logits in scored:
-        flat, target = logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
-        del logits  # (vocabulary-wide tensors are what an evaluation's peak is made of: each dropped once dead)
-        nll += float(F.cross_entropy(flat, target, reduction="sum"))
+        target = batch[:, 1:].reshape(-1)
+        # (vocabulary-wide tensors are what an evaluation's peak is made of: each dropped once dead)
+        logq = logits[:, :-1].float().reshape(-1, logits.shape[-1]).log_softmax(-1)
+        del logits
+        nll += float(F.nll_loss(logq, target, reduction="sum"))  # (F.cross_entropy's own two steps, bit for bit)
         count += target.numel()
         if not stats:
             continue
-        logq = flat.log_softmax(-1)
-        del flat
         window_nll.append((-logq.gather(-1, target[:, None])).reshape(len(batch), -1).mean(1).cpu())
         if own is not None:
             own.add(logq)

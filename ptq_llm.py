@@ -319,18 +319,24 @@ def fit_memory(model, args, calibs) -> None:
     # GPTQ: the float64 sum of X^T X and about five float32 in x in matrices of the solve, measured
     work = 48 * widest**2 if "gptq" in args.method else 0
     inner = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * cfg.hidden_size
-    per_token = width * (6 * cfg.hidden_size + 3 * inner)  # what a block call holds per token (estimated)
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1)
+    # what a block call holds per token (estimated): its activations, and attention's scores, which CUDA's
+    # float32 attention with a mask makes whole (three of them, measured; a CPU's fused kernel does not: generous there)
+    per_token = width * (6 * cfg.hidden_size + 3 * inner + 3 * heads * args.seq_len)
     batch_call = args.batch_size * args.seq_len * per_token
-    logits = 3 * args.batch_size * args.seq_len * cfg.vocab_size * 4  # a batch's float logits, log-probabilities
-    need = resident + block + max(calib + work + batch_call, logits + batch_call + 2 * args.batch_size * hidden)
+    # a batch's float logits and log-probabilities (and, over several windows, the copy without each one's last position)
+    logits = (2 + (args.batch_size > 1)) * args.batch_size * args.seq_len * cfg.vocab_size * 4
+    cublas = 32 * mib if onload.device.type == "cuda" else 0  # cuBLAS's workspace, made at the first matmul (measured)
+    need = resident + cublas + block + max(calib + work + batch_call, logits + batch_call + 2 * args.batch_size * hidden)
     if need > args.max_memory:
         raise UsageError(f"--max_memory {args.max_memory / mib:.0f} MiB is too small: the model outside its blocks takes "
-                         f"{resident / mib:.0f} MiB, its largest block {block / mib:.0f} MiB, {args.calib_samples} calibration "
+                         f"{resident / mib:.0f} MiB" + (f", cuBLAS's workspace {cublas / mib:.0f} MiB" if cublas else "")
+                         + f", its largest block {block / mib:.0f} MiB, {args.calib_samples} calibration "
                          f"windows' activations {calib / mib:.0f} MiB" + (f", GPTQ's work {work / mib:.0f} MiB" if work else "")
                          + f", a block call over a batch {batch_call / mib:.0f} MiB and a batch's logits {logits / mib:.0f} "
                          f"MiB (at least {need / mib:.0f} MiB; a smaller --batch_size or --calib_samples needs less)")
-    onload.pass_tokens = int((args.max_memory - resident - block - calib - work) // per_token)
-    onload.chunk = max(args.batch_size, int((args.max_memory - resident - block - logits - batch_call) // (2 * hidden)))
+    onload.pass_tokens = int((args.max_memory - resident - cublas - block - calib - work) // per_token)
+    onload.chunk = max(args.batch_size, int((args.max_memory - resident - cublas - block - logits - batch_call) // (2 * hidden)))
     print(f"--max_memory {args.max_memory / mib:.0f} MiB: blocks read from disk one at a time ({block / mib:.1f} MiB the "
           f"largest; {resident / mib:.1f} MiB stays), evaluation {onload.chunk} windows a pass"
           + (f", GPTQ block calls of at most {onload.pass_tokens} tokens" if work else ""))
@@ -639,7 +645,7 @@ def main(argv=None):
         method, w_bits, act = recipe.method, recipe.weight.bits, recipe.act
         rss_at_start = start_peaks(device)  # each row's peak is its own, over what the process held when it began
         if args.max_memory:  # the float blocks are read from the checkpoint again; this row's quantized ones go here
-            qmodel = load_onloaded(args.model_name, device, dtype, os.path.join(work.name, "row"), args.gguf_file)
+            qmodel = load_onloaded(args.model_name, device, dtype, os.path.join(work.name, "row"), args.gguf_file, like=model)
             qmodel.onload.chunk, qmodel.onload.pass_tokens = model.onload.chunk, model.onload.pass_tokens  # (fit_memory's)
         elif args.device_map:
             qmodel = load_model(args.model_name, device, dtype, args.gguf_file, args.device_map)

@@ -52,7 +52,7 @@ warnings.filterwarnings("ignore")
 from cli import Parser, UsageError, check_writable, positive_int, run  # noqa: E402
 from quant import QScheme, Recipe, quantize_model, quantized_size_bytes  # noqa: E402
 from quant.kernels import convert_to_int  # noqa: E402
-from results import append_rows, code_version, timestamp  # noqa: E402
+from results import append_rows, code_version, environment, timestamp  # noqa: E402
 
 W8 = QScheme(8, granularity="channel")
 A8_TOKEN = QScheme(8, granularity="token")
@@ -422,10 +422,9 @@ def cpu_memory(variant: str) -> dict:
 def machine(args):
     """The run's machine and code, read once when the run starts."""
     if not hasattr(args, "machine"):
-        import platform
         device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
         args.machine = dict(device=device, dtype=str(args.dtype).removeprefix("torch."),
-                            cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+                            cpu=environment()["cpu"], threads=torch.get_num_threads(),
                             torch=torch.__version__, code=code_version())
     return args.machine
 

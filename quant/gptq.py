@@ -92,18 +92,20 @@ def _column_kernel(W: torch.Tensor):
     return columns
 
 
-def _params(w: torch.Tensor, scheme: QScheme, mse: bool | dict = False):
+def _params(w: torch.Tensor, scheme: QScheme, mse: bool | dict = False, col_weight: torch.Tensor | None = None):
     """Per-row scale / zero point of a (rows, cols) slice for the scheme's bits and symmetry: over
     the row's [min, max], or with `mse` (True, or the search's arguments: norm, min_ratio) over the
-    shrunk range that minimizes the row's error."""
+    shrunk range that minimizes the row's error, each column's error weighted by col_weight (cols,)
+    where given."""
     if not mse:
         return row_qparams(w, scheme, 1.0)
-    return row_qparams(w, scheme, _mse_best_ratio(w, None, scheme, **({} if mse is True else mse)))
+    weights = None if col_weight is None else col_weight.expand_as(w)
+    return row_qparams(w, scheme, _mse_best_ratio(w, weights, scheme, **({} if mse is True else mse)))
 
 
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QScheme, block_size: int = 128,
-                  percdamp: float = 0.01, act_order: bool = False, mse: bool | dict = False):
+                  percdamp: float = 0.01, act_order: bool = False, mse: bool | dict = False, mse_hessian: bool = False):
     """Quantize W (out, in) given H (in, in). Returns (Q, scale, zero_point), Q on the grid and
     the scales shaped as QScheme.param_shape of W's layout."""
     if scheme.granularity not in ("tensor", "channel", "group") or (scheme.granularity == "channel" and scheme.axis not in (0, -2)):
@@ -116,6 +118,13 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QScheme, block_size:
     H[dead, dead] = 1
     W[:, dead] = 0
     H += percdamp * torch.mean(torch.diag(H)) * torch.eye(in_f, device=H.device)
+
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f, device=W.device)
+    L = torch.linalg.cholesky(H[perm][:, perm])
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    # GPTQ's cost of rounding column j is err^2 / Hinv_jj^2 (in its order): the MSE search can weigh by it
+    cost = Hinv.diagonal().pow(-2) if mse and mse_hessian else None
+    cost_orig = cost[torch.argsort(perm)] if cost is not None else None
 
     g = scheme.group_size if scheme.granularity == "group" else None
     n_groups = -(-in_f // g) if g else 1
@@ -134,18 +143,16 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QScheme, block_size:
         # fixed up front: per-channel, or static groups under act-order (all groups as rows of one
         # call where they tile the row: the MSE search is one pass instead of one per group)
         if not g or in_f % g == 0:
-            s, z = _params(W.reshape(-1, g or in_f), scheme, mse)
+            s, z = _params(W.reshape(-1, g or in_f), scheme, mse,
+                           None if cost_orig is None else cost_orig.view(-1, g or in_f).repeat(out_f, 1))
             scales[:], zeros[:] = s.view(out_f, n_groups), z.view(out_f, n_groups)
         else:
             for k in range(n_groups):
-                s, z = _params(W[:, k * g:(k + 1) * g], scheme, mse)
+                s, z = _params(W[:, k * g:(k + 1) * g], scheme, mse, None if cost_orig is None else cost_orig[k * g:(k + 1) * g])
                 scales[:, k], zeros[:, k] = s[:, 0], z[:, 0]
     lazy_groups = g is not None and not act_order and not fmt
 
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
 
     grid = {}  # group -> the fake-quant operands of its current scales
 
@@ -179,7 +186,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QScheme, block_size:
                 ahead = W1[:, a:a + g]
                 if ahead.shape[1] < g:
                     ahead = torch.cat([ahead, W[:, i2:i2 + g - ahead.shape[1]]], 1)
-                s, z = _params(ahead, scheme, mse)
+                s, z = _params(ahead, scheme, mse, None if cost is None else cost[i1 + a:i1 + a + ahead.shape[1]])
                 scales[:, col // g], zeros[:, col // g] = s[:, 0], z[:, 0]
                 grid.pop(col // g, None)
             if kernel is not None:

@@ -200,10 +200,11 @@ class Onload:
             raise ValueError("not every block is quantized yet")
         return self.resident_bytes() + sum(self.kept_bytes.values())
 
-    @torch.no_grad()
     def logits(self, windows: torch.Tensor, batch_size: int, chunk: int, progress: bool = False):
         """(batch, logits) for each batch of `windows`, the same as model(batch).logits: `chunk` windows
-        at a time go through block after block, each block loaded once per chunk."""
+        at a time go through block after block, each block loaded once per chunk. (Not decorated with
+        torch.no_grad: its generator wrapper holds what was yielded until the next batch's logits
+        exist, and two vocabulary-wide tensors then count in the peak.)"""
         from tqdm.auto import tqdm
 
         from .arch import final_norm
@@ -212,15 +213,19 @@ class Onload:
         chunk = max(batch_size, chunk // batch_size * batch_size)
         bar = tqdm(total=-(-len(windows) // chunk) * len(self.blocks), desc="blocks", disable=not progress, leave=False)
         for start in range(0, len(windows), chunk):
-            batches = [b.to(self.device) for b in windows[start:start + chunk].split(batch_size)]
-            inputs = first_block_inputs(self.model, self.blocks, batches, self.device)
-            for i in range(len(self.blocks)):
-                block = self.load(i)
-                inputs = [((run_block(block, args, kwargs),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
-                self.release(i)
-                bar.update()
+            with torch.no_grad():
+                batches = [b.to(self.device) for b in windows[start:start + chunk].split(batch_size)]
+                inputs = first_block_inputs(self.model, self.blocks, batches, self.device)
+                for i in range(len(self.blocks)):
+                    block = self.load(i)
+                    inputs = [((run_block(block, args, kwargs),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+                    self.release(i)
+                    bar.update()
             for batch, (args, _) in zip(batches, inputs):
-                yield batch, head(norm(args[0]))
+                with torch.no_grad():
+                    logits = head(norm(args[0]))
+                yield batch, logits
+                del logits  # (this frame's reference would otherwise live until the next batch's logits are made)
         bar.close()
 
 
@@ -234,9 +239,11 @@ def check_recipe(recipe) -> None:
                          "with blocks on disk, quantize the decoder blocks' linear layers only")
 
 
-def open_model(folder: str, config, device, dtype: torch.dtype, work_dir: str) -> nn.Module:
+def open_model(folder: str, config, device, dtype: torch.dtype, work_dir: str, like: nn.Module | None = None) -> nn.Module:
     """The model of the checkpoint in `folder`, its decoder blocks left on disk (see Onload);
-    quantized blocks go to work_dir."""
+    quantized blocks go to work_dir. With `like` (an open model of the same checkpoint), the
+    tensors outside the blocks are its own, shared rather than read again: quantizing block by
+    block never changes them (check_recipe), and a second copy of the embeddings would count twice."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
     with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) computed
@@ -244,8 +251,12 @@ def open_model(folder: str, config, device, dtype: torch.dtype, work_dir: str) -
     model.eval()
     onload = Onload(model, checkpoint_files(folder), device, dtype, work_dir)
     rest = [n for n, _ in model.named_parameters() if not n.startswith(onload.prefix)]
-    for n, t in onload.read([n for n in rest if onload.has(n)]).items():
+    kept = dict(like.named_parameters()) if like is not None else {}
+    for n, t in onload.read([n for n in rest if onload.has(n) and n not in kept]).items():
         _set(model, n, t)
+    for n in rest:
+        if n in kept:
+            _set(model, n, kept[n].data)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     missing = [n for n, p in model.named_parameters() if not n.startswith(onload.prefix) and p.device.type == "meta"]

@@ -83,3 +83,25 @@ def test_ptq_llm_rows_carry_intervals_and_distance(tmp_path):
     skipped = ptq_llm.main(["--model_name", STORIES, "--results_dir", str(tmp_path / "s"), "--no_progress", "--seq_len", "128",
                             "--eval_samples", "16", "--bits", "4", "--group_size", "32", "--act", "none", "--skip_fp32"])
     assert "kld" not in skipped[0] and skipped[0]["ppl_ci_low"] < skipped[0]["perplexity"]  # no float pass, no reference
+
+
+@torch.no_grad()
+def test_evaluation_arithmetic_is_the_plain_definition(models):
+    """The evaluation's shortcuts change no number: its NLL sum is F.cross_entropy's over each batch,
+    and the reference's draws, taken in slices of rows, are one torch.multinomial call's."""
+    import torch.nn.functional as F
+
+    from llm import FloatReference
+    f, _, windows = models
+    r = evaluate(f, windows[:4], 4, "cpu", False, stats=False)
+    logits = f(windows[:4]).logits
+    nll = float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:4, 1:].reshape(-1), reduction="sum"))
+    assert r["perplexity"] == float(torch.exp(torch.tensor(nll / windows[:4, 1:].numel())))
+    torch.manual_seed(0)
+    logp = (torch.randn(300, 40000) * 3).log_softmax(-1)  # more rows than one slice holds at this vocabulary
+    ref = FloatReference(8, 16)
+    ref.add(logp)
+    ref.done()
+    tail = logp.exp().scatter_(-1, logp.topk(8, -1).indices, 0.0)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(ref.draws.long(), torch.multinomial(tail, 16, replacement=True, generator=gen))
