@@ -347,16 +347,16 @@ def evaluate(model, windows: torch.Tensor, batch_size: int, device: str, progres
         del logits
         nll += float(F.nll_loss(logq, target, reduction="sum"))  # (F.cross_entropy's own two steps, bit for bit)
         count += target.numel()
-        if not stats:
-            continue
-        window_nll.append((-logq.gather(-1, target[:, None])).reshape(len(batch), -1).mean(1).cpu())
-        if own is not None:
-            own.add(logq)
-        if reference is not None:
-            k, t = reference.kld_top1(logq, pos)
-            kld.append(k.cpu())
-            top1.append(t.cpu())
+        if stats:
+            window_nll.append((-logq.gather(-1, target[:, None])).reshape(len(batch), -1).mean(1).cpu())
+            if own is not None:
+                own.add(logq)
+            if reference is not None:
+                k, t = reference.kld_top1(logq, pos)
+                kld.append(k.cpu())
+                top1.append(t.cpu())
         pos += target.numel()
+        del logq  # (before the next batch's logits exist)
     nll, count = distributed.total(nll), distributed.total(count)
     out = {"perplexity": float(torch.exp(torch.tensor(nll / count)))}
     if stats:

@@ -202,14 +202,15 @@ class Onload:
 
     def logits(self, windows: torch.Tensor, batch_size: int, chunk: int, progress: bool = False):
         """(batch, logits) for each batch of `windows`, the same as model(batch).logits: `chunk` windows
-        at a time go through block after block, each block loaded once per chunk. (Not decorated with
-        torch.no_grad: its generator wrapper holds what was yielded until the next batch's logits
-        exist, and two vocabulary-wide tensors then count in the peak.)"""
+        at a time go through block after block, each block loaded once per chunk. (Nothing here holds
+        a batch's logits once it is yielded, as torch.no_grad's generator wrapper or a local would until
+        the next batch's are made: two vocabulary-wide tensors would then count in the peak.)"""
         from tqdm.auto import tqdm
 
         from .arch import final_norm
         from .sequential import first_block_inputs, run_block
         norm, head = final_norm(self.model), self.model.get_output_embeddings()
+        scores = torch.no_grad()(lambda x: head(norm(x)))
         chunk = max(batch_size, chunk // batch_size * batch_size)
         bar = tqdm(total=-(-len(windows) // chunk) * len(self.blocks), desc="blocks", disable=not progress, leave=False)
         for start in range(0, len(windows), chunk):
@@ -222,10 +223,7 @@ class Onload:
                     self.release(i)
                     bar.update()
             for batch, (args, _) in zip(batches, inputs):
-                with torch.no_grad():
-                    logits = head(norm(args[0]))
-                yield batch, logits
-                del logits  # (this frame's reference would otherwise live until the next batch's logits are made)
+                yield batch, scores(args[0])
         bar.close()
 
 
