@@ -146,6 +146,9 @@ def build_parser(prog=None):
     p.add_argument("--gptq_layerwise", action="store_true",
                    help="GPTQ: every layer of a block gets its Hessian from the block's float pass (llm-compressor's "
                         "pipeline), not true-sequentially from the layers before it already quantized")
+    p.add_argument("--gptq_hessian_mse", action="store_true",
+                   help="GPTQ with --w_observer mse: weigh each column's error in the range search by GPTQ's own cost "
+                        "of rounding it (1 / [H^-1]_jj) instead of equally")
     p.add_argument("--gptaq", action="store_true",
                    help="GPTQ: GPTAQ's objective, the float model's layer outputs from the quantized model's inputs")
     p.add_argument("--gptaq_alpha", type=unit_float, default=0.25,
@@ -233,7 +236,8 @@ def recipe_for(method, alpha, w_bits, act, observer, args, rotation="none", kv_b
     """The Recipe of one configuration, from the flags."""
     method_args = {"gptq": lambda: dict(block_size=args.gptq_block_size, damp=args.gptq_damp, act_order=args.act_order,
                                         gptaq=getattr(args, "gptaq", False), gptaq_alpha=getattr(args, "gptaq_alpha", 1.0),
-                                        true_sequential=not getattr(args, "gptq_layerwise", False)),
+                                        true_sequential=not getattr(args, "gptq_layerwise", False),
+                                        hessian_mse=getattr(args, "gptq_hessian_mse", False)),
                    "awq": lambda: dict(grid=args.awq_grid, tokens=args.awq_tokens), "smoothquant": lambda: dict(alpha=alpha),
                    "signround": lambda: dict(iters=args.signround_iters)}.get(method, dict)()
     w_format, a_format = getattr(args, "w_format", "int"), getattr(args, "a_format", "int")  # (rows from before the flags: int)
@@ -251,7 +255,8 @@ def method_args(recipe: Recipe) -> str:
     return {"rtn": "", "gptq": f"block={a.get('block_size')} damp={a.get('damp')} act_order={a.get('act_order')}"
                                + (" mse" if recipe.w_observer == "mse" else "") + (" gptaq" if a.get("gptaq") else "")
                                + (f" alpha={a.get('gptaq_alpha')}" if a.get("gptaq") and a.get("gptaq_alpha") != 1.0 else "")
-                               + (" layerwise" if a.get("true_sequential") is False else ""),
+                               + (" layerwise" if a.get("true_sequential") is False else "")
+                               + (" hessian_mse" if a.get("hessian_mse") else ""),
             "awq": f"grid={a.get('grid')} tokens={a.get('tokens')}", "smoothquant": f"alpha={a.get('alpha')}",
             "hqq": f"iters={a.get('iters')} p={a.get('lp_norm')}",
             "signround": f"iters={a.get('iters')} batch={a.get('batch')}"}[recipe.method]

@@ -12,7 +12,8 @@ it with this project's evaluation on the same test windows. Runs:
   ours           quantize_model, GPTQ act-order, true-sequential (each layer's Hessian from the
                  inputs it gets with the layers before it in its block quantized; "layerwise": all
                  from the block's float pass, as llm-compressor does), min-max / MSE ranges
-                 (squared error over clip ratios 0.05..1, or llm-compressor's |error|^2.4 over 0.81..1);
+                 (squared error over clip ratios 0.05..1, or llm-compressor's |error|^2.4 over 0.81..1;
+                 "hessian": each column's error weighed by GPTQ's cost of rounding it);
                  its block passes run on up to 16384 calibration tokens at once whatever --batch_size
                  (quant.recipe.GPTQ_PASS_TOKENS; peak_mib shows what that costs), and its column loop
                  as a Triton kernel on CUDA
@@ -33,11 +34,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from peers import device_name, float_copy, run_worker, sync  # noqa: E402
 
-RUNS = {  # name -> (implementation, range choice, its arguments[, true-sequential: ours only, default True])
+RUNS = {  # name -> (implementation, range choice, its arguments[, true-sequential[, hessian_mse]]: ours only, default True, False)
     "ours minmax": ("ours", "minmax", {}),
     "ours mse": ("ours", "mse", {}),
     # llm-compressor's search: |error|^2.4 over the clip ratios 0.81..1
     "ours mse norm2.4": ("ours", "mse", {"norm": 2.4, "min_ratio": 0.81}),
+    # the search weighs each column's error by GPTQ's cost of rounding it (hessian_mse)
+    "ours mse hessian": ("ours", "mse", {}, True, True),
+    "ours mse hessian layerwise": ("ours", "mse", {}, False, True),
     # every layer's Hessian from the block's float pass, as llm-compressor's pipeline does (not true-sequential)
     "ours minmax layerwise": ("ours", "minmax", {}, False),
     "ours mse norm2.4 layerwise": ("ours", "mse", {"norm": 2.4, "min_ratio": 0.81}, False),
@@ -52,7 +56,8 @@ def quantize_ours(model, calib, spec):
     if spec["pass_tokens"]:
         recipe_module.GPTQ_PASS_TOKENS = spec["pass_tokens"]
     recipe = Recipe(weight=QScheme(spec["bits"], symmetric=False, granularity="group", group_size=spec["group_size"]),
-                    method="gptq", method_args={"act_order": True, "true_sequential": spec["true_sequential"]},
+                    method="gptq", method_args={"act_order": True, "true_sequential": spec["true_sequential"],
+                                                "hessian_mse": spec.get("hessian_mse", False)},
                     w_observer=spec["ranges"],
                     w_observer_args=spec["range_args"])
     quantize_model(model, recipe, calib.split(spec["batch_size"]), progress=False)
@@ -175,7 +180,9 @@ def main(argv=None):
         for rep in range(args.repeats):
             for name in args.runs:
                 impl, ranges, range_args, *order = RUNS[name]
-                spec = dict(impl=impl, ranges=ranges, range_args=range_args, true_sequential=(order or [True])[0],
+                true_sequential, hessian_mse = order + [True, False][len(order):]  # (ours only: their defaults)
+                spec = dict(impl=impl, ranges=ranges, range_args=range_args, true_sequential=true_sequential,
+                            hessian_mse=hessian_mse,
                             model_name=folder, device=device, bits=args.bits, group_size=args.group_size,
                             batch_size=args.batch_size, pass_tokens=args.pass_tokens, windows=windows)
                 out = run_worker(__file__, sys.executable if impl == "ours" else args.peer_python, spec, name)

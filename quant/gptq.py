@@ -105,9 +105,12 @@ def _params(w: torch.Tensor, scheme: QScheme, mse: bool | dict = False, col_weig
 
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QScheme, block_size: int = 128,
-                  percdamp: float = 0.01, act_order: bool = False, mse: bool | dict = False, mse_hessian: bool = False):
+                  percdamp: float = 0.01, act_order: bool = False, mse: bool | dict = False, hessian_mse: bool = False):
     """Quantize W (out, in) given H (in, in). Returns (Q, scale, zero_point), Q on the grid and
-    the scales shaped as QScheme.param_shape of W's layout."""
+    the scales shaped as QScheme.param_shape of W's layout. With `mse` and hessian_mse, the search
+    weighs each column's error by what GPTQ's own objective charges for rounding it, 1 / [H^-1]_jj
+    in its processing order, instead of equally: where inputs have outlier channels, a group may
+    then be clipped harder in the columns whose error the later columns can absorb."""
     if scheme.granularity not in ("tensor", "channel", "group") or (scheme.granularity == "channel" and scheme.axis not in (0, -2)):
         raise ValueError(f"GPTQ needs per-tensor, per-output-channel or per-group weights, got {scheme.describe()}")
     scheme.check_shape(W.shape)
@@ -123,7 +126,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QScheme, block_size:
     L = torch.linalg.cholesky(H[perm][:, perm])
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
     # GPTQ's cost of rounding column j is err^2 / Hinv_jj^2 (in its order): the MSE search can weigh by it
-    cost = Hinv.diagonal().pow(-2) if mse and mse_hessian else None
+    cost = Hinv.diagonal().pow(-2) if mse and hessian_mse else None
     cost_orig = cost[torch.argsort(perm)] if cost is not None else None
 
     g = scheme.group_size if scheme.granularity == "group" else None

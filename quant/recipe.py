@@ -24,7 +24,8 @@ from .scheme import QScheme
 # each method's arguments and their defaults: a recipe always holds all of them, filled in
 METHOD_ARGS = {
     "rtn": {},
-    "gptq": {"block_size": 128, "damp": 0.01, "act_order": False, "gptaq": False, "gptaq_alpha": 1.0, "true_sequential": True},
+    "gptq": {"block_size": 128, "damp": 0.01, "act_order": False, "gptaq": False, "gptaq_alpha": 1.0, "true_sequential": True,
+             "hessian_mse": False},
     "awq": {"grid": 20, "tokens": 4096},
     "smoothquant": {"alpha": 0.5},
     "hqq": {"iters": 20, "lp_norm": 0.7, "beta": 10.0, "kappa": 1.01, "round_start": False},
@@ -33,7 +34,8 @@ METHOD_ARGS = {
 }
 # arguments added after recipes first carried ids: written into the JSON only when not at their
 # default, so that every recipe that existed before keeps its id (and its rows and artefacts)
-LATER_ARGS = {"gptq": {"gptaq": False, "gptaq_alpha": 1.0, "true_sequential": True}, "mse": {"norm": 2.0, "min_ratio": 0.05}}
+LATER_ARGS = {"gptq": {"gptaq": False, "gptaq_alpha": 1.0, "true_sequential": True, "hessian_mse": False},
+              "mse": {"norm": 2.0, "min_ratio": 0.05}}
 GPTQ_PASS_TOKENS = 16384  # calibration tokens per block call in GPTQ (32 windows of 512: ~0.3 GB of fp32 attention)
 W_OBSERVERS = ("minmax", "mse", "percentile")
 A_OBSERVERS = ("minmax", "ema", "percentile", "mse", "entropy")
@@ -112,6 +114,8 @@ class Recipe:
         if bad:
             raise ValueError(f"{self.method} arguments out of range: {a} (iters >= 0; hqq: 0 < lp_norm <= 1, beta > 0, "
                              f"kappa >= 1; signround: batch >= 1; gptq: 0 < gptaq_alpha <= 1)")
+        if self.method == "gptq" and a["hessian_mse"] and self.w_observer != "mse":
+            raise ValueError("hessian_mse weighs GPTQ's MSE range search: it needs w_observer='mse'")
         if self.method == "gptq" and a["gptaq"] and not a["true_sequential"]:
             raise ValueError("GPTAQ compares each layer's quantized input with its float one: it needs true_sequential=True")
         if self.method == "qat" and dict(self.method_args)["mode"] not in ("ste", "lsq"):
@@ -354,7 +358,7 @@ def _quantize_layers(model: nn.Module, recipe: Recipe, batches, progress: bool) 
             gptq_block(block, inputs, scheme_for, recipe.activation, float_inputs=float_inputs, gptaq_alpha=args["gptaq_alpha"],
                        true_sequential=args["true_sequential"],
                        block_size=args["block_size"], percdamp=args["damp"], act_order=args["act_order"],
-                       mse=recipe.w_observer == "mse" and dict(recipe.w_observer_args))
+                       mse=recipe.w_observer == "mse" and dict(recipe.w_observer_args), hessian_mse=args["hessian_mse"])
         elif recipe.method == "awq":
             awq_block(block, inputs, scheme_for, recipe.activation, n_grid=args["grid"], max_rows=args["tokens"])
         else:  # smoothquant: fold the smoothing scales, then round to nearest

@@ -293,3 +293,35 @@ def test_gptaq_end_to_end_and_old_gptq_ids_unchanged(source, tmp_path):
     assert ["gptaq alpha=0.25" in r["method_args"] for r in rows] == [False, True]
     assert rows[0]["recipe_id"] != rows[1]["recipe_id"] and rows[0]["perplexity"] != rows[1]["perplexity"]
     assert rows[1]["perplexity"] < 1.3 * rows[0]["perplexity"]
+
+
+def test_hessian_mse_reduces_to_the_plain_search_and_helps_on_outlier_inputs():
+    """GPTQ's Hessian-weighted range search: with H a multiple of the identity every column costs the
+    same, so the result is the unweighted search's exactly; where a few input channels carry most of
+    the energy, the layer's output error tr(D H D^T) is lower than with the unweighted search."""
+    from quant.gptq import gptq_quantize
+    torch.manual_seed(0)
+    W = torch.randn(64, 256)
+    W[:, :4] *= 8  # outlier weights in a few columns
+    sch = QScheme(4, symmetric=False, granularity="group", group_size=64)
+    for act_order in (False, True):
+        eye = 3.0 * torch.eye(256)
+        a = gptq_quantize(W, eye, sch, act_order=act_order, mse=True)
+        b = gptq_quantize(W, eye, sch, act_order=act_order, mse=True, hessian_mse=True)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+        X = torch.randn(4096, 256)
+        X[:, 200:] *= 20  # the energy is in other channels than the outlier weights
+        H = X.T @ X / len(X)
+        loss = {}
+        for weighted in (False, True):
+            Q, _, _ = gptq_quantize(W, H, sch, act_order=act_order, mse=True, hessian_mse=weighted)
+            D = W - Q
+            loss[weighted] = float(torch.einsum("oi,ij,oj->", D, H, D))
+        assert loss[True] < loss[False]
+
+
+def test_hessian_mse_needs_the_mse_search():
+    with pytest.raises(ValueError, match="hessian_mse"):
+        Recipe(weight=QScheme(4, granularity="group", group_size=32), method="gptq", method_args={"hessian_mse": True})
+    old = Recipe(weight=QScheme(4, granularity="group", group_size=32), method="gptq", w_observer="mse")
+    assert "hessian_mse" not in old.to_json()  # every recipe from before the argument keeps its id
