@@ -8,7 +8,8 @@ run PyTorch's integer kernels, so the quantized model actually saves memory and 
                         without a C++ compiler, PyTorch's _weight_int4pack_mm(_for_cpu) (groups
                         32..256, bfloat16 activations)
   Int8DynamicLinear     int8 per-channel weights x int8 per-token symmetric activations quantized
-                        on the fly: torch._int_mm (exact int32 accumulation), then both scales
+                        on the fly: torch._int_mm (exact int32 accumulation; on CPUs without
+                        AVX-512, where it is a scalar loop, exact float32 GEMMs: int_mm), then both scales
   Int8StaticLinear      int8 per-channel weights x 8-bit per-tensor static activations (the
                         calibrated scale and zero point), on CPU: one fused quantization of the
                         input, torch._int_mm, the zero point folded into the bias
@@ -259,6 +260,26 @@ with warnings.catch_warnings():
     torch.quantize_per_tensor(torch.zeros(1), 1.0, 0, torch.qint8)
 
 
+@functools.cache
+def _cpu_int8_gemm() -> bool:
+    """Whether this CPU runs torch._int_mm as a real int8 GEMM: oneDNN's needs AVX-512 (VNNI, AMX);
+    on an AVX2-only x86 CPU it falls back to a scalar loop, some 30x slower than a float32 GEMM."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (m, k) int8 @ b (k, n) int8 as int32, exactly: torch._int_mm on CUDA and where the CPU has an
+    int8 GEMM; else float32 GEMMs over slices of at most 1024 of k, whose every partial sum is an
+    integer of magnitude at most 1024 * 128 * 128 = 2^24, which float32 holds exactly."""
+    if a.is_cuda or _cpu_int8_gemm():
+        return torch._int_mm(a, b)
+    out = None
+    for k in range(0, a.shape[1], 1024):
+        part = (a[:, k:k + 1024].float() @ b[k:k + 1024].float()).to(torch.int32)
+        out = part if out is None else out.add_(part)
+    return out
+
+
 def quantize_per_token(x2: torch.Tensor):
     """int8 codes and per-row scales: the arithmetic of QScheme(8, granularity="token"). The rows
     are divided by their scales in one pass, then rounded, clamped and narrowed by the fused
@@ -283,7 +304,7 @@ class Int8DynamicLinear(nn.Module):
         rows = x_int8.shape[0]
         if x_int8.is_cuda and rows <= 16:  # the CUDA kernel wants more than 16 rows
             x_int8 = torch.nn.functional.pad(x_int8, (0, 0, 0, 17 - rows))
-        acc = torch._int_mm(x_int8, self.weight_int8_t)[:rows]
+        acc = int_mm(x_int8, self.weight_int8_t)[:rows]
         y = acc.float().mul_(x_scale)  # (faster than int32 * float's promotion, measured)
         y = y.mul_(self.scale) if self.bias is None else torch.addcmul(self.bias, y, self.scale)
         return y.to(x.dtype).reshape(*x.shape[:-1], -1)
@@ -328,7 +349,7 @@ class Int8StaticLinear(nn.Module):
             c = x2.view(torch.int8)
         else:
             c = _int8_codes(x2, self.x_scale, self.x_zero_point)
-        y = torch.addcmul(self.out_bias, torch._int_mm(c, self.weight_int8.t()), self.out_scale)
+        y = torch.addcmul(self.out_bias, int_mm(c, self.weight_int8.t()), self.out_scale)
         if self.emit is not None:
             scale, zero_point = self.emit
             if zero_point != -128:  # (at -128, the clamp to the lowest code is the ReLU)

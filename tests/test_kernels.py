@@ -278,3 +278,18 @@ def test_stories260k_int4_siblings_fused_decode_matches_fake_quant():
         v = attn.v_proj(x)
         attn.v_proj.scale, attn.v_proj.offset = attn.v_proj.scale * 2, attn.v_proj.offset * 2  # new tensors
         assert torch.allclose(attn.v_proj(x), 2 * v, rtol=1e-5, atol=1e-6)  # not the group's stale output
+
+
+def test_int_mm_is_exact_on_either_path(monkeypatch):
+    """The int8 GEMM equals int32 arithmetic exactly, through torch._int_mm and through the float32
+    slices that stand in for it on CPUs without AVX-512 (extreme codes, k over one slice)."""
+    from quant import kernels
+    torch.manual_seed(0)
+    a = torch.randint(-128, 128, (40, 2500), dtype=torch.int8)
+    b = torch.randint(-128, 128, (2500, 24), dtype=torch.int8)
+    a[0], b[:, 0] = -128, -128  # the largest products, all of one sign: a row sum of 2500 * 2^14
+    ref = a.long() @ b.long()
+    for fast in (True, False):
+        monkeypatch.setattr(kernels, "_cpu_int8_gemm", lambda fast=fast: fast)
+        out = kernels.int_mm(a, b)
+        assert out.dtype == torch.int32 and torch.equal(out.long(), ref)
