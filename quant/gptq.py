@@ -155,7 +155,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QScheme, block_size:
                 scales[:, k], zeros[:, k] = s[:, 0], z[:, 0]
     lazy_groups = g is not None and not act_order and not fmt
 
-    W, H = W[:, perm], H[perm][:, perm]
+    W = W[:, perm]
 
     grid = {}  # group -> the fake-quant operands of its current scales
 

@@ -103,3 +103,15 @@ def test_max_memory_keeps_the_measured_peak_under_the_cap(tmp_path):
                                cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
     assert too_small.returncode != 0 and "--max_memory 12 MiB is too small" in too_small.stderr
     assert len(pd.read_csv(tmp_path / "results" / "ptq_llm.csv")) == 3  # nothing written
+
+
+def test_row_models_share_what_stays_in_memory(tmp_path):
+    """A row's model (load_onloaded(like=...)) holds the float model's embeddings, norm and head
+    themselves, not a second copy: under a memory cap each copy would count."""
+    a = load_onloaded(STORIES, "cpu", torch.float32, str(tmp_path / "a"))
+    b = load_onloaded(STORIES, "cpu", torch.float32, str(tmp_path / "b"), like=a)
+    mine = dict(a.named_parameters())
+    rest = [(n, p) for n, p in b.named_parameters() if not n.startswith(b.onload.prefix)]
+    assert rest and all(p.data_ptr() == mine[n].data_ptr() for n, p in rest)
+    windows = torch.randint(0, 512, (4, 64))
+    assert evaluate(a, windows, 2, "cpu", progress=False)["perplexity"] == evaluate(b, windows, 2, "cpu", progress=False)["perplexity"]
