@@ -332,7 +332,8 @@ def fit_memory(model, args, calibs) -> None:
     # a batch's float logits and log-probabilities (and, over several windows, the copy without each one's last position)
     logits = (2 + (args.batch_size > 1)) * args.batch_size * args.seq_len * cfg.vocab_size * 4
     cublas = 32 * mib if onload.device.type == "cuda" else 0  # cuBLAS's workspace, made at the first matmul (measured)
-    need = resident + cublas + block + max(calib + work + batch_call, logits + batch_call + 2 * args.batch_size * hidden)
+    held = resident + cublas + block  # whatever the phase
+    need = held + max(calib + work + batch_call, logits + batch_call + 2 * args.batch_size * hidden)
     if need > args.max_memory:
         raise UsageError(f"--max_memory {args.max_memory / mib:.0f} MiB is too small: the model outside its blocks takes "
                          f"{resident / mib:.0f} MiB" + (f", cuBLAS's workspace {cublas / mib:.0f} MiB" if cublas else "")
@@ -340,8 +341,8 @@ def fit_memory(model, args, calibs) -> None:
                          f"windows' activations {calib / mib:.0f} MiB" + (f", GPTQ's work {work / mib:.0f} MiB" if work else "")
                          + f", a block call over a batch {batch_call / mib:.0f} MiB and a batch's logits {logits / mib:.0f} "
                          f"MiB (at least {need / mib:.0f} MiB; a smaller --batch_size or --calib_samples needs less)")
-    onload.pass_tokens = int((args.max_memory - resident - cublas - block - calib - work) // per_token)
-    onload.chunk = max(args.batch_size, int((args.max_memory - resident - cublas - block - logits - batch_call) // (2 * hidden)))
+    onload.pass_tokens = int((args.max_memory - held - calib - work) // per_token)
+    onload.chunk = max(args.batch_size, int((args.max_memory - held - logits - batch_call) // (2 * hidden)))
     print(f"--max_memory {args.max_memory / mib:.0f} MiB: blocks read from disk one at a time ({block / mib:.1f} MiB the "
           f"largest; {resident / mib:.1f} MiB stays), evaluation {onload.chunk} windows a pass"
           + (f", GPTQ block calls of at most {onload.pass_tokens} tokens" if work else ""))

@@ -249,12 +249,10 @@ def open_model(folder: str, config, device, dtype: torch.dtype, work_dir: str, l
     model.eval()
     onload = Onload(model, checkpoint_files(folder), device, dtype, work_dir)
     rest = [n for n, _ in model.named_parameters() if not n.startswith(onload.prefix)]
-    kept = dict(like.named_parameters()) if like is not None else {}
-    for n, t in onload.read([n for n in rest if onload.has(n) and n not in kept]).items():
+    tensors = {n: p.data for n, p in like.named_parameters() if n in rest} if like is not None else {}
+    tensors.update(onload.read([n for n in rest if onload.has(n) and n not in tensors]))
+    for n, t in tensors.items():
         _set(model, n, t)
-    for n in rest:
-        if n in kept:
-            _set(model, n, kept[n].data)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     missing = [n for n, p in model.named_parameters() if not n.startswith(onload.prefix) and p.device.type == "meta"]
