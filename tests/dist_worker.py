@@ -1,8 +1,9 @@
-"""One rank of a data-parallel quantization run, for tests/test_distributed.py: quantizes
-stories260K with the recipe given as JSON on real WikiText windows, scores it, and (rank 0) saves
-the quantized state and the perplexity. Run alone, it is the one-process reference.
+"""One rank of a data-parallel quantization run, for tests/test_distributed.py: for each recipe
+given as JSON, quantizes a fresh stories260K with it on real WikiText windows, scores it, and
+(rank 0) saves the quantized state and the perplexity as OUT_DIR/<i>.pt. Run alone, it is the
+one-process reference. Several recipes share one launch: starting the ranks is most of a run.
 
-    torchrun --nproc_per_node 2 tests/dist_worker.py RECIPE_JSON OUT [--fail_rank R]
+    torchrun --nproc_per_node 2 tests/dist_worker.py OUT_DIR RECIPE_JSON [RECIPE_JSON ...] [--fail_rank R]
 """
 import os
 import sys
@@ -18,8 +19,12 @@ from quant import Recipe, distributed, quantize_model  # noqa: E402
 
 
 def main():
-    recipe, out = Recipe.from_json(sys.argv[1]), sys.argv[2]
-    fail_rank = int(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[3] == "--fail_rank" else None
+    args = sys.argv[1:]
+    fail_rank = None
+    if "--fail_rank" in args:
+        i = args.index("--fail_rank")
+        fail_rank, args = int(args[i + 1]), args[:i] + args[i + 2:]
+    out_dir, recipes = args[0], [Recipe.from_json(a) for a in args[1:]]
     torch.set_num_threads(1)
     distributed.init("cpu")
     if distributed.rank() == fail_rank:
@@ -28,13 +33,14 @@ def main():
     tok = load_tokenizer(folder)
     calib = calib_windows(tokenize(tok, wikitext_text("validation", data)), 8, 64, 0)
     windows = eval_windows(tokenize(tok, wikitext_text("test", data)), 64, 12)
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    quantize_model(model, recipe, calib.split(2), progress=False)
-    with torch.no_grad():
-        ev = evaluate(model, windows, 4, "cpu", progress=False)
-    if distributed.is_main():
-        torch.save({"state": model.state_dict(), "perplexity": ev["perplexity"], "window_nll": ev["window_nll"],
-                    "world": distributed.world()}, out)
+    for i, recipe in enumerate(recipes):
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        quantize_model(model, recipe, calib.split(2), progress=False)
+        with torch.no_grad():
+            ev = evaluate(model, windows, 4, "cpu", progress=False)
+        if distributed.is_main():
+            torch.save({"state": model.state_dict(), "perplexity": ev["perplexity"], "window_nll": ev["window_nll"],
+                        "world": distributed.world()}, os.path.join(out_dir, f"{i}.pt"))
 
 
 if __name__ == "__main__":

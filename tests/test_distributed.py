@@ -31,16 +31,23 @@ def torchrun(args, nproc=2, timeout=600):
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
-@pytest.mark.parametrize("name", list(RECIPES))
-def test_two_ranks_equal_one_process(tmp_path, name):
-    recipe = RECIPES[name].to_json()
-    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    done = subprocess.run([sys.executable, WORKER, recipe, str(one)], capture_output=True, text=True,
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every recipe quantized in one process and under torchrun with 2 ranks (one launch each)."""
+    one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
+    recipes = [r.to_json() for r in RECIPES.values()]
+    done = subprocess.run([sys.executable, WORKER, str(one), *recipes], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
-    done = torchrun([WORKER, recipe, str(two)])
+    done = torchrun([WORKER, str(two), *recipes])
     assert done.returncode == 0, done.stderr[-2000:]
-    a, b = torch.load(one, weights_only=False), torch.load(two, weights_only=False)
+    return one, two
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_two_ranks_equal_one_process(runs, name):
+    i = list(RECIPES).index(name)
+    a, b = (torch.load(d / f"{i}.pt", weights_only=False) for d in runs)
     assert (a["world"], b["world"]) == (1, 2)
     assert abs(b["perplexity"] / a["perplexity"] - 1) < 1e-4
     assert a["window_nll"].shape == b["window_nll"].shape  # every window, in order
@@ -58,18 +65,17 @@ def test_two_ranks_equal_one_process(tmp_path, name):
 
 
 def test_a_failing_rank_stops_every_rank(tmp_path):
-    out = tmp_path / "out.pt"
-    done = torchrun([WORKER, RECIPES["gptq"].to_json(), str(out), "--fail_rank", "1"], timeout=300)
+    done = torchrun([WORKER, str(tmp_path), RECIPES["gptq"].to_json(), "--fail_rank", "1"], timeout=300)
     assert done.returncode != 0
     assert "rank 1 fails on purpose" in done.stderr
-    assert not out.exists()
+    assert not list(tmp_path.iterdir())
 
 
 def test_refused_under_several_ranks(tmp_path):
     for recipe, why in [(Recipe(weight=QScheme(4, symmetric=False, signed=False, granularity="group", group_size=32),
                                 method="signround", method_args={"iters": 2}), "not data-parallel"),
                         (Recipe(weight=W8, activation=A8, a_observer="percentile"), "not reduced exactly")]:
-        done = torchrun([WORKER, recipe.to_json(), str(tmp_path / "x.pt")], timeout=300)
+        done = torchrun([WORKER, str(tmp_path), recipe.to_json()], timeout=300)
         assert done.returncode != 0 and why in done.stderr
 
 
