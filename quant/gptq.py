@@ -134,13 +134,14 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QScheme, block_size:
     scales = torch.zeros(out_f, n_groups, device=W.device)
     zeros = torch.zeros(out_f, n_groups, device=W.device)
     fmt = scheme.format != "int"
-    if fmt and mse:
+    if fmt and mse and scheme.format != "fp8":
         raise ValueError(f"{scheme.format} fixes its scales by its own rule: GPTQ takes min-max ranges (no mse)")
     if scheme.granularity == "tensor":
         s, z = qparams_from_range(W.min(), W.max(), scheme)
         scales[:], zeros[:] = s, z
     elif fmt:  # a float format's scales come from the original weight up front (NVFP4's need the whole tensor)
-        s, z = row_qparams(scheme.rows(scheme.to_layout(W)), scheme)
+        layout = lambda m: scheme.rows(scheme.to_layout(m))  # noqa: E731
+        s, z = _params(layout(W), scheme, mse, None if cost_orig is None else layout(cost_orig.expand(out_f, -1)))
         scales[:], zeros[:] = s.view(out_f, n_groups), z.view(out_f, n_groups)
     elif scheme.granularity == "channel" or act_order:
         # fixed up front: per-channel, or static groups under act-order (all groups as rows of one

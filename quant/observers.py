@@ -4,6 +4,7 @@
   ema         moving-average min / max (PyTorch's update rule)   any granularity
   percentile  clip at the p-th percentile of |x| / of each tail   histogram (per-tensor) or exact per row
   mse         clip range that minimizes the quantization MSE      histogram (per-tensor) or exact per row
+              (FP8: the scale that aligns E4M3's grid best with the values, clipping none)
   entropy     clip threshold minimizing KL divergence (TensorRT)  per-tensor only
 
 Per-tensor histogram observers keep a fixed number of bins whose range grows with the data, so
@@ -18,10 +19,12 @@ import torch
 
 from . import distributed
 from .fake_quant import fake_quantize
+from .formats import fake_quantize_format
 from .scheme import QScheme, check_finite, qparams_from_range
 
 HIST_BINS = 2048
 MSE_STEP = 0.01  # the MSE search tries the clip ratios min_ratio, min_ratio + 0.01, ..., 1
+FP8_RATIOS = 32  # ... and for FP8 the widening ratios 1, 1 + 1/32, ..., 2 - 1/32
 
 
 class Observer:
@@ -149,7 +152,18 @@ class Histogram:
         return self.lo + (i + min(max(frac, 0.0), 1.0)) * self.width
 
 
-def mse_grid(min_ratio: float = 0.05) -> torch.Tensor:
+def mse_grid(min_ratio: float = 0.05, fmt: str = "int") -> torch.Tensor:
+    """The ratios the MSE search tries. An integer grid is uniform, so the search shrinks the range
+    (clipping the tails buys a finer step). E4M3's grid is the same in every binade: the relative
+    step does not change with the scale, only where the grid points fall between the values, and
+    the largest values' absolute errors dominate the sum; so for FP8 the search widens the range by
+    1 .. 2 (every alignment of the grid once), which clips nothing."""
+    if fmt == "fp8":
+        if min_ratio != 0.05:
+            raise ValueError("the FP8 MSE search widens the range (ratios 1 .. 2): it takes no min_ratio")
+        return 1 + torch.arange(FP8_RATIOS) / FP8_RATIOS
+    if fmt != "int":
+        raise ValueError(f"the mse search scores integer and FP8 grids; {fmt} fixes its scales by its own rule")
     return torch.linspace(min_ratio, 1.0, round((1.0 - min_ratio) / MSE_STEP) + 1)
 
 
@@ -163,7 +177,7 @@ def _mse_best_ratio(values: torch.Tensor, weights: torch.Tensor | None, scheme: 
     are the cost)."""
     budget = 1 << (26 if values.is_cuda else 22)
     n_rows, n_cols = values.shape
-    grid = mse_grid(min_ratio).to(values.device)
+    grid = mse_grid(min_ratio, scheme.format).to(values.device)
     per_pass = max(1, budget // max(n_cols, 1))  # (ratio, row) pairs per pass
     n_a = min(len(grid), per_pass)
     chunk = max(1, per_pass // n_a)
@@ -177,7 +191,10 @@ def _mse_best_ratio(values: torch.Tensor, weights: torch.Tensor | None, scheme: 
         for a0 in range(0, len(grid), n_a):
             a = grid[a0:a0 + n_a].view(-1, 1, 1)
             scale, zp = qparams_from_range(a * mn, a * mx, scheme)  # (ratios, rows, 1)
-            err = fake_quantize(v, scale, zp, scheme.qmin, scheme.qmax) - v
+            if scheme.format == "int":
+                err = fake_quantize(v, scale, zp, scheme.qmin, scheme.qmax) - v
+            else:
+                err = fake_quantize_format(v, scale, scheme.format) - v
             err = err.pow_(2) if norm == 2 else err.abs_().pow_(norm)
             err = (err * w if w is not None else err).sum(-1)  # (ratios, rows)
             low, idx = err.min(0)  # first minimum on ties, as a strict < over the ratios in order
@@ -331,6 +348,7 @@ OBSERVERS = {
 def make_observer(name: str, scheme: QScheme, **kwargs) -> Observer:
     if name not in OBSERVERS:
         raise ValueError(f"unknown observer {name!r}; choose from {sorted(OBSERVERS)}")
-    if scheme.format != "int" and name in ("mse", "entropy"):  # (their searches score integer grids)
-        raise ValueError(f"the {name} observer searches integer grids; {scheme.format} takes minmax, ema or percentile ranges")
+    if scheme.format != "int" and (name == "entropy" or name == "mse" and scheme.format != "fp8"):
+        raise ValueError(f"the {name} observer searches integer{' and FP8' if name == 'mse' else ''} grids; "
+                         f"{scheme.format} takes minmax, ema or percentile ranges")
     return OBSERVERS[name](scheme, **kwargs)

@@ -126,13 +126,13 @@ class Recipe:
             raise ValueError("gptq chooses its ranges by min-max or its MSE search: w_observer minmax or mse")
         if self.method in ("awq", "hqq", "signround") and self.w_observer != "minmax":
             raise ValueError(f"{self.method} runs its own range search: leave w_observer at minmax")
-        floats = [sch for sch in (self.weight, self.activation) if sch is not None and sch.format != "int"]
         if self.weight.format != "int" and self.method not in ("rtn", "gptq", "smoothquant"):
             raise ValueError(f"{self.weight.format} weights take rtn, gptq or smoothquant ({self.method}'s search "
                              f"scores integer grids)")
-        if floats and (self.w_observer in ("mse", "entropy") or self.a_observer in ("mse", "entropy")):
-            raise ValueError(f"the mse and entropy observers search integer grids; {floats[0].format} takes "
-                             f"minmax, ema or percentile ranges")
+        for sch, obs in ((self.weight, self.w_observer), (self.activation, self.a_observer)):
+            if sch is not None and sch.format != "int" and (obs == "entropy" or obs == "mse" and sch.format != "fp8"):
+                raise ValueError(f"the mse observer searches integer and FP8 grids, the entropy observer integer ones; "
+                                 f"{sch.format} takes minmax, ema or percentile ranges")
         if self.method == "hqq" and self.weight.symmetric:
             raise ValueError("hqq optimises each group's zero point: give an asymmetric weight scheme")
         put("w_observer_args", _filled(f"{self.w_observer} observer", dict(self.w_observer_args),

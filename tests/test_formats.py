@@ -136,8 +136,36 @@ def test_gptq_in_a_float_format_lands_on_its_grid_and_beats_rtn(scheme):
     rtn = QuantLinear(W, None, scheme).weight
     loss = lambda q: float(((q - W) @ X.t()).pow(2).sum())  # noqa: E731
     assert loss(Q) < 0.9 * loss(rtn)
-    with pytest.raises(ValueError, match="own rule"):
-        gptq_quantize(W, H, scheme, mse=True)
+    if scheme.format == "fp8":  # its MSE search: scales no smaller than min-max's, no larger error
+        Qm, scale_m, _ = gptq_quantize(W, H, scheme, mse=True)
+        assert (scale_m >= scale).all() and (scale_m < 2 * scale).all() and loss(Qm) <= loss(Q) * 1.05
+    else:
+        with pytest.raises(ValueError, match="own rule"):
+            gptq_quantize(W, H, scheme, mse=True)
+
+
+def test_fp8_mse_search_is_the_best_of_every_grid_alignment():
+    """Per row, the scale absmax * r / 448 for r in 1, 1 + 1/32, .., 2 - 1/32 with the least squared
+    error of a cast to torch.float8_e4m3fn (computed here by brute force); it beats min-max (r = 1)
+    on heavy-tailed rows; with H = I GPTQ has nothing to compensate and is that search's RTN."""
+    torch.manual_seed(0)
+    W = torch.distributions.StudentT(3.0).sample((64, 256))
+    layer = QuantLinear(W, None, FP8, w_observer="mse")
+    absmax = W.abs().amax(1, keepdim=True)
+    errs = []
+    for k in range(32):
+        s = absmax * (1 + k / 32) / 448
+        errs.append(((W / s).to(torch.float8_e4m3fn).float() * s - W).pow(2).sum(1))
+    errs = torch.stack(errs, 1)
+    best = errs.min(1).values
+    got = (layer.weight - W).pow(2).sum(1)
+    assert torch.allclose(got, best, rtol=1e-5)
+    assert got.sum() < 0.9 * errs[:, 0].sum()  # min-max's alignment is rarely the best one
+    Q, scale, _ = gptq_quantize(W, torch.eye(256), FP8, mse=True)
+    assert torch.equal(Q, layer.weight) and torch.allclose(scale, layer.weight_quant.scale)
+    Recipe(weight=FP8, w_observer="mse", method="gptq", method_args={"hessian_mse": True})  # accepted
+    with pytest.raises(ValueError, match="min_ratio"):
+        QuantLinear(W, None, FP8, w_observer="mse", min_ratio=0.5)
 
 
 def test_scheme_and_recipe_rules():
@@ -148,7 +176,7 @@ def test_scheme_and_recipe_rules():
     bad = [lambda: QScheme(4, format="fp8"), lambda: QScheme(4, granularity="group", group_size=64, format="mxfp4"),
            lambda: QScheme(4, False, granularity="group", group_size=16, format="nvfp4"),
            lambda: QScheme(4, granularity="tensor", format="mxfp4"), lambda: QScheme(8, format="fp6"),
-           lambda: Recipe(weight=MX, method="awq"), lambda: Recipe(weight=FP8, w_observer="mse"),
+           lambda: Recipe(weight=MX, method="awq"), lambda: Recipe(weight=NV, w_observer="mse"),
            lambda: Recipe(weight=FP8, activation=QScheme(8, format="fp8"), a_observer="entropy")]
     for make in bad:
         with pytest.raises(ValueError):
