@@ -71,12 +71,16 @@ def test_a_failing_rank_stops_every_rank(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_refused_under_several_ranks(tmp_path):
+def test_refused_under_several_ranks(monkeypatch):
+    """What is not reduced exactly is refused before anything runs (how a rank's error stops the
+    others under torchrun is test_a_failing_rank_stops_every_rank's)."""
+    from quant import distributed, quantize_model
+    monkeypatch.setattr(distributed, "world", lambda: 2)
     for recipe, why in [(Recipe(weight=QScheme(4, symmetric=False, signed=False, granularity="group", group_size=32),
                                 method="signround", method_args={"iters": 2}), "not data-parallel"),
                         (Recipe(weight=W8, activation=A8, a_observer="percentile"), "not reduced exactly")]:
-        done = torchrun([WORKER, str(tmp_path), recipe.to_json()], timeout=300)
-        assert done.returncode != 0 and why in done.stderr
+        with pytest.raises(ValueError, match=why):
+            quantize_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), recipe, [torch.randn(2, 8)], progress=False)
 
 
 def test_ptq_llm_under_torchrun(tmp_path):
