@@ -72,3 +72,27 @@ def test_gptq_peer_bench_runs_ours_and_matches_quantize_model(tmp_path):
     quantize_model(model, Recipe(weight=QScheme(4, symmetric=False, granularity="group", group_size=4), method="gptq",
                                  method_args={"act_order": True}), calib.split(4), progress=False)
     assert abs(row.perplexity - evaluate(model, test, 4, "cpu", progress=False, stats=False)["perplexity"]) < 1e-3
+
+
+def test_fp8_split_parts_are_the_rows_arithmetic(tmp_path, monkeypatch):
+    """bench/fp8_split.py's 'weights + activations' part is FP8 W8A8 RTN as quantize_model makes it,
+    its 'weights' part FP8 weight-only RTN, to the last bit of the perplexity; every part has a row."""
+    import importlib.util
+
+    from llm import eval_windows, evaluate, load_model, load_tokenizer, tokenize, wikitext_text
+    from quant import QScheme, Recipe, quantize_model
+    monkeypatch.setenv("QUANT_DATA_DIR", DATA)
+    spec = importlib.util.spec_from_file_location("fp8_split", os.path.join(ROOT, "bench", "fp8_split.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    folder = os.path.join(DATA, "stories260K")
+    rows = bench.main(["--model_name", folder, "--eval_samples", "6", "--seq_len", "64", "--batch_size", "3",
+                       "--device", "cpu", "--no_progress", "--results_dir", str(tmp_path)])
+    got = {r["part"]: r["perplexity"] for r in rows}
+    assert len(pd.read_csv(tmp_path / "bench_fp8_split.csv")) == len(rows) == 4 + 7  # 7 layer kinds in a Llama block
+    windows = eval_windows(tokenize(load_tokenizer(folder), wikitext_text("test", DATA)), 64, 6)
+    w = QScheme(8, granularity="channel", axis=0, format="fp8")
+    for part, act in (("weights", None), ("weights + activations", QScheme(8, granularity="token", format="fp8"))):
+        model = quantize_model(load_model(folder, "cpu"), Recipe(weight=w, activation=act), None, progress=False)
+        assert evaluate(model, windows, 3, "cpu", progress=False, stats=False)["perplexity"] == got[part], part
+    assert got["weights mse"] != got["weights"]
