@@ -757,6 +757,21 @@ def fp8(df, out_dir):
             + t.to_markdown(index=False, disable_numparse=True) + "\n")
 
 
+def fp8_split(df, out_dir):
+    """Where FP8 W8A8's error comes from: each part's latest row per model, windows and device."""
+    keys = ["model", "windows", "seq_len", "device_name"]
+    df = df.sort_values("timestamp").groupby(keys + ["part"], sort=False).tail(1)
+    t = df[keys + ["part"]].copy()
+    t["perplexity"] = [f"{p:.3f}" for p in df.perplexity]
+    t["vs float"] = [f"{100 * c:+.2f} %" for c in df.ppl_change]
+    t["kld"], t["top-1"] = [f"{k:.4f}" for k in df.kld], [f"{a:.4f}" for a in df.top1_agree]
+    t["code"] = df.code.values
+    return ("E4M3 applied to one part of the float model at a time (weights per output channel, min-max or the MSE "
+            "search of the grid's alignment; every linear's input per token; one layer kind's inputs alone; both), "
+            "each against the float model on the same windows; lm_head in float. `python bench/fp8_split.py --device cuda`\n\n"
+            + t.to_markdown(index=False, disable_numparse=True) + "\n")
+
+
 def scaling(df, out_dir):
     """Data-parallel calibration: every run of bench/scaling.py, as measured."""
     cols = [c for c in ("model", "how", "calib_samples", "device_name", "threads_per_rank", "ranks", "quantize_s", "speedup",
@@ -824,6 +839,7 @@ SECTIONS = [("ptq_nn", "MNIST PTQ", ptq_nn), ("qat_nn", "MNIST QAT", qat_nn), ("
             ("bench_rotation", "Hadamard rotation against llm-compressor's SpinQuant transforms",
              peers("bench/rotation_peer.py --device cuda")),
             ("bench_fp8", "FP8 W8A8 layers against bf16", fp8),
+            ("bench_fp8_split", "Where FP8 W8A8's error comes from", fp8_split),
             ("bench_scaling", "Data-parallel calibration", scaling),
             ("fp8_cpu/ptq_llm", "FP8 W8A8 with a Hadamard rotation (CPU)", fp8_rotation),
             ("onload/ptq_llm", "Models larger than memory", onload)]

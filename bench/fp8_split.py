@@ -21,9 +21,10 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from peers import device_name  # noqa: E402
 from torch import nn  # noqa: E402
 
 from cli import UsageError, pick_device, positive_int, run  # noqa: E402
@@ -80,7 +81,8 @@ def main(argv=None):
             h.remove()
         row = dict(timestamp=timestamp(), model=args.model_name, seq_len=args.seq_len, windows=len(windows), part=name,
                    perplexity=out["perplexity"], fp32_perplexity=fp["perplexity"], ppl_change=out["perplexity"] / fp["perplexity"] - 1,
-                   kld=float(out["kld_tokens"].mean()), top1_agree=out["top1_agree"], code=code_version(), **environment(device))
+                   kld=float(out["kld_tokens"].mean()), top1_agree=out["top1_agree"], device_name=device_name(device), code=code_version(),
+                   **environment(device))
         print(f"{name:28s} perplexity {row['perplexity']:.4f} ({row['ppl_change']:+.2%})  KL {row['kld']:.5f}  "
               f"top-1 {row['top1_agree']:.4f}", flush=True)
         rows.append(row)
