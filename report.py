@@ -795,20 +795,25 @@ def gptq_ranges(df, out_dir):
 
 
 def fp8_rotation(df, out_dir):
-    """FP8 W8A8 (E4M3 per-channel weights, per-token dynamic activations) with and without the Hadamard rotation:
-    the latest run's rows (those of the last row's code version)."""
-    df = df[df.code == df.sort_values("timestamp").code.iloc[-1]]
+    """FP8 W8A8 (E4M3 per-channel weights, per-token dynamic activations) with and without the Hadamard rotation,
+    min-max or MSE-searched weight scales: the latest row of each configuration, on the FP32 row of the latest run."""
+    df = df.sort_values("timestamp")
     fp32 = df[df.method == "fp32"].perplexity.iloc[-1]
     t = df[df.method != "fp32"].copy()
+    t["w_observer"] = t.w_observer.fillna("minmax")
+    t["method_args"] = t.method_args.fillna("")
+    t = t.groupby(["model", "method", "rotation", "w_observer", "method_args", "calib_samples", "eval_tokens"], sort=False).tail(1)
     t["vs FP32"] = [f"{100 * (p / fp32 - 1):+.2f} %" for p in t.perplexity]
     t["perplexity"], t["kld"] = [f"{p:.3f}" for p in t.perplexity], [f"{k:.4f}" for k in t.kld]
-    cols = ["model", "method", "rotation", "w_format", "a_format", "act", "calib_samples", "perplexity", "vs FP32", "kld",
-            "device", "code"]
+    t["hessian_mse"] = ["yes" if "hessian_mse" in a else "" for a in t.method_args]
+    cols = ["model", "method", "rotation", "w_observer", "hessian_mse", "w_format", "a_format", "act", "calib_samples",
+            "perplexity", "vs FP32", "kld", "device", "code"]
     r = df.iloc[-1]
     return (f"FP32 {fp32:.3f} on {int(r.eval_tokens // r.seq_len)} test windows of {int(r.seq_len)}. "
             "`python ptq_llm.py --model_name models/SmolLM2-135M-f32 "
             "--seq_len 512 --calib_samples 32 --eval_samples 40 --batch_size 4 --method rtn gptq --bits 8 --w_format fp8 "
-            "--a_format fp8 --act dynamic --act_order --rotation none hadamard --results_dir results/fp8_cpu`\n\n"
+            "--a_format fp8 --act dynamic --act_order --rotation none hadamard --results_dir results/fp8_cpu` "
+            "(and `--rotation none --w_observer mse --gptq_hessian_mse`)\n\n"
             + t[cols].to_markdown(index=False, disable_numparse=True) + "\n")
 
 
@@ -841,7 +846,7 @@ SECTIONS = [("ptq_nn", "MNIST PTQ", ptq_nn), ("qat_nn", "MNIST QAT", qat_nn), ("
             ("bench_fp8", "FP8 W8A8 layers against bf16", fp8),
             ("bench_fp8_split", "Where FP8 W8A8's error comes from", fp8_split),
             ("bench_scaling", "Data-parallel calibration", scaling),
-            ("fp8_cpu/ptq_llm", "FP8 W8A8 with a Hadamard rotation (CPU)", fp8_rotation),
+            ("fp8_cpu/ptq_llm", "FP8 W8A8: Hadamard rotation and MSE-searched scales (CPU)", fp8_rotation),
             ("onload/ptq_llm", "Models larger than memory", onload)]
 DOCS_HEAD = """# Results
 
