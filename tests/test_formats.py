@@ -164,6 +164,17 @@ def test_fp8_mse_search_is_the_best_of_every_grid_alignment():
     Q, scale, _ = gptq_quantize(W, torch.eye(256), FP8, mse=True)
     assert torch.equal(Q, layer.weight) and torch.allclose(scale, layer.weight_quant.scale)
     Recipe(weight=FP8, w_observer="mse", method="gptq", method_args={"hessian_mse": True})  # accepted
+    # a static per-tensor FP8 activation: the search over the observed histogram widens the range too
+    from quant.observers import make_observer
+    x = torch.distributions.StudentT(3.0).sample((64, 512))
+    a_fp8 = QScheme(8, granularity="tensor", format="fp8")
+    observers = [make_observer(name, a_fp8) for name in ("minmax", "mse")]
+    for o in observers:
+        o.observe(x)
+    (s_mm, _), (s_mse, _) = (o.qparams() for o in observers)
+    assert s_mm <= s_mse < 2 * s_mm
+    err = lambda s: float((fake_quantize_format(x, s, "fp8") - x).pow(2).sum())  # noqa: E731
+    assert err(s_mse) <= err(s_mm) * 1.001
     with pytest.raises(ValueError, match="min_ratio"):
         QuantLinear(W, None, FP8, w_observer="mse", min_ratio=0.5)
 
