@@ -107,7 +107,8 @@ def build_parser(prog=None):
     p.add_argument("--group_size", type=int, default=128,
                    help="weight group size below 8 bits; 0 = per-channel (default: 128)")
     p.add_argument("--w_observer", choices=["minmax", "mse"], default="minmax",
-                   help="weight observer, also GPTQ's scale search (AWQ runs its own clip search) (default: minmax)")
+                   help="weight observer, also GPTQ's scale search (AWQ runs its own clip search; FP8: the search aligns "
+                        "E4M3's grid, clipping nothing) (default: minmax)")
     p.add_argument("--w_asym", action="store_true", help="asymmetric (zero-point) weights instead of symmetric")
     p.add_argument("--w_format", choices=list(FORMATS), default="int",
                    help="weight number format: int, fp8 (E4M3 per channel; 8-bit rows), mxfp4 / nvfp4 (E2M1 in blocks "
