@@ -15,7 +15,7 @@ rows. Where activations alone cost more than a target allows, no weight method c
     python bench/fp8_split.py --device cuda                      # SmolLM2-135M, full WikiText-2 test
     python bench/fp8_split.py --model_name stories260K --eval_samples 16 --seq_len 128
 
-Appends one row per part to results/bench_fp8_split.csv.
+Appends one row per part to results/bench_fp8_split.csv, as each part finishes.
 """
 import argparse
 import os
@@ -86,9 +86,9 @@ def main(argv=None):
         print(f"{name:28s} perplexity {row['perplexity']:.4f} ({row['ppl_change']:+.2%})  KL {row['kld']:.5f}  "
               f"top-1 {row['top1_agree']:.4f}", flush=True)
         rows.append(row)
+        append_rows(os.path.join(args.results_dir, "bench_fp8_split.csv"), [row])  # (as each finishes: Ctrl-C keeps them)
     for n, m in linears.items():
         m.weight.data.copy_(floats[n])
-    append_rows(os.path.join(args.results_dir, "bench_fp8_split.csv"), rows)
     return rows
 
 
