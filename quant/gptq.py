@@ -20,7 +20,7 @@ import torch
 from . import distributed
 from .fake_quant import fake_quantize_prepared
 from .formats import fake_quantize_format
-from .observers import _mse_best_ratio
+from .observers import _mse_best_ratio, check_search_format
 from .scheme import QScheme, qparams_from_range, row_qparams
 
 
@@ -134,8 +134,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QScheme, block_size:
     scales = torch.zeros(out_f, n_groups, device=W.device)
     zeros = torch.zeros(out_f, n_groups, device=W.device)
     fmt = scheme.format != "int"
-    if fmt and mse and scheme.format != "fp8":
-        raise ValueError(f"{scheme.format} fixes its scales by its own rule: GPTQ takes min-max ranges (no mse)")
+    if mse:
+        check_search_format("mse", scheme.format)
     if scheme.granularity == "tensor":
         s, z = qparams_from_range(W.min(), W.max(), scheme)
         scales[:], zeros[:] = s, z

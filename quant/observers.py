@@ -152,18 +152,27 @@ class Histogram:
         return self.lo + (i + min(max(frac, 0.0), 1.0)) * self.width
 
 
+SEARCHED_FORMATS = {"mse": ("int", "fp8"), "entropy": ("int",)}  # the grids each range search scores
+
+
+def check_search_format(observer: str, fmt: str) -> None:
+    """ValueError where `observer` searches ranges and cannot score the number format `fmt`."""
+    if fmt not in SEARCHED_FORMATS.get(observer, (fmt,)):
+        raise ValueError(f"the {observer} search scores {' and '.join(SEARCHED_FORMATS[observer])} grids, not {fmt} "
+                         f"(MXFP4 and NVFP4 fix their scales by their own rule): take minmax, ema or percentile ranges")
+
+
 def mse_grid(min_ratio: float = 0.05, fmt: str = "int") -> torch.Tensor:
     """The ratios the MSE search tries. An integer grid is uniform, so the search shrinks the range
     (clipping the tails buys a finer step). E4M3's grid is the same in every binade: the relative
     step does not change with the scale, only where the grid points fall between the values, and
     the largest values' absolute errors dominate the sum; so for FP8 the search widens the range by
     1 .. 2 (every alignment of the grid once), which clips nothing."""
+    check_search_format("mse", fmt)
     if fmt == "fp8":
         if min_ratio != 0.05:
             raise ValueError("the FP8 MSE search widens the range (ratios 1 .. 2): it takes no min_ratio")
         return 1 + torch.arange(FP8_RATIOS) / FP8_RATIOS
-    if fmt != "int":
-        raise ValueError(f"the mse search scores integer and FP8 grids; {fmt} fixes its scales by its own rule")
     return torch.linspace(min_ratio, 1.0, round((1.0 - min_ratio) / MSE_STEP) + 1)
 
 
@@ -348,7 +357,5 @@ OBSERVERS = {
 def make_observer(name: str, scheme: QScheme, **kwargs) -> Observer:
     if name not in OBSERVERS:
         raise ValueError(f"unknown observer {name!r}; choose from {sorted(OBSERVERS)}")
-    if scheme.format != "int" and (name == "entropy" or name == "mse" and scheme.format != "fp8"):
-        raise ValueError(f"the {name} observer searches integer{' and FP8' if name == 'mse' else ''} grids; "
-                         f"{scheme.format} takes minmax, ema or percentile ranges")
+    check_search_format(name, scheme.format)
     return OBSERVERS[name](scheme, **kwargs)

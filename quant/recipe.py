@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .calibrate import calibrate
 from .modules import layer_scheme, quant_modules, quantize_linears
+from .observers import check_search_format
 from .scheme import QScheme
 
 # each method's arguments and their defaults: a recipe always holds all of them, filled in
@@ -130,9 +131,8 @@ class Recipe:
             raise ValueError(f"{self.weight.format} weights take rtn, gptq or smoothquant ({self.method}'s search "
                              f"scores integer grids)")
         for sch, obs in ((self.weight, self.w_observer), (self.activation, self.a_observer)):
-            if sch is not None and sch.format != "int" and (obs == "entropy" or obs == "mse" and sch.format != "fp8"):
-                raise ValueError(f"the mse observer searches integer and FP8 grids, the entropy observer integer ones; "
-                                 f"{sch.format} takes minmax, ema or percentile ranges")
+            if sch is not None and obs is not None:
+                check_search_format(obs, sch.format)
         if self.method == "hqq" and self.weight.symmetric:
             raise ValueError("hqq optimises each group's zero point: give an asymmetric weight scheme")
         put("w_observer_args", _filled(f"{self.w_observer} observer", dict(self.w_observer_args),
