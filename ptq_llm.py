@@ -116,6 +116,10 @@ def build_parser(prog=None):
     p.add_argument("--a_format", choices=list(FORMATS), default="int",
                    help="activation number format of the --act rows: int, fp8 (static per tensor or dynamic per token, "
                         "--a_bits 8), mxfp4 / nvfp4 (dynamic, --a_bits 4) (default: int)")
+    p.add_argument("--a_group_size", type=int, default=0,
+                   help="dynamic activations (int or fp8): one scale per group of this many channels of each token "
+                        "(per-token-group, block FP8's 1 x 128 scales) instead of one per token; 0 = per token. "
+                        "Fake-quant only: no GEMM here takes such scales (default: 0)")
     p.add_argument("--rotation", nargs="+", choices=["none", "hadamard"], default=["none"],
                    help="each a run: none, or hadamard: rotate the float model first (QuaRot-style fixed Hadamards "
                         "on the residual stream, value heads, down-projection inputs and, with --kv_bits, queries and "
@@ -216,11 +220,12 @@ def weight_scheme(bits, group_size, symmetric=True, fmt="int"):
     return QScheme(bits, symmetric=symmetric, granularity="channel", axis=0)
 
 
-def act_scheme(mode, bits, fmt="int"):
+def act_scheme(mode, bits, fmt="int", group_size=0):
     if mode == "none":
         return None
     # (floating-point formats are symmetric: their grids are)
-    return QScheme(bits, symmetric=fmt != "int", granularity="token" if mode == "dynamic" else "tensor", format=fmt)
+    return QScheme(bits, symmetric=fmt != "int", granularity="token" if mode == "dynamic" else "tensor", format=fmt,
+                   group_size=(group_size or None) if mode == "dynamic" else None)
 
 
 def variants(methods, args) -> list:
@@ -244,7 +249,7 @@ def recipe_for(method, alpha, w_bits, act, observer, args, rotation="none", kv_b
     w_format, a_format = getattr(args, "w_format", "int"), getattr(args, "a_format", "int")  # (rows from before the flags: int)
     return Recipe(weight=weight_scheme(w_bits, args.group_size, not args.w_asym, w_format), method=method, method_args=method_args,
                   w_observer="minmax" if method in ("awq", "hqq", "signround") else args.w_observer,  # they search ranges their own way
-                  activation=act_scheme(act, args.a_bits, a_format), a_observer=observer or None,
+                  activation=act_scheme(act, args.a_bits, a_format, getattr(args, "a_group_size", 0)), a_observer=observer or None,
                   a_observer_args={"percentile": args.percentile} if observer == "percentile" else {},
                   embeddings=args.quantize_embeddings, rotation=rotation, kv_cache=kv_scheme(kv_bits, getattr(args, "kv_group", 32)),
                   kv_residual=args.kv_residual if kv_bits is not None else 0)
@@ -459,6 +464,11 @@ def main(argv=None):
         raise UsageError(f"--group_size must be >= 0, got {args.group_size}")
     if "hqq" in args.method and not args.w_asym:
         raise UsageError("--method hqq optimises each group's zero point: add --w_asym")
+    if args.a_group_size < 0:
+        raise UsageError(f"--a_group_size must be >= 0, got {args.a_group_size}")
+    if args.a_group_size and (args.a_format in BLOCK or set(args.act) - {"none", "dynamic"}):
+        raise UsageError(f"--a_group_size scales groups of each token on every call: it takes --act dynamic and an int or "
+                         f"fp8 --a_format ({args.a_format} has its own block; static is one scale per tensor)")
     if args.a_format in BLOCK and "static" in args.act:
         raise UsageError(f"--a_format {args.a_format} scales each block of {BLOCK[args.a_format]} on every call: "
                          f"use --act dynamic (static is one calibrated scale per tensor)")
@@ -677,7 +687,8 @@ def main(argv=None):
         row = dict(timestamp=timestamp(), method=method, w_bits=w_bits, a_bits=args.a_bits if act != "none" else 32,
                    act=act, observer=recipe.a_observer or "", w_observer=recipe.w_observer, granularity=w_scheme.granularity,
                    w_symmetric=w_scheme.symmetric, group_size=w_scheme.group_size, w_format=w_scheme.format,
-                   a_format=recipe.activation.format if recipe.activation is not None else "", perplexity=ppl,
+                   a_format=recipe.activation.format if recipe.activation is not None else "",
+                   a_group_size=recipe.activation.group_size if recipe.activation is not None else None, perplexity=ppl,
                    fp32_perplexity=fp32_ppl, size_bytes=size, quant_seconds=round(t_quant, 2),
                    seconds=round(time.time() - t0, 2), notes=notes, method_args=method_args(recipe),
                    recipe=recipe.to_json(), recipe_id=recipe.id, **intervals(q_eval, fp32_eval), seed=seed,

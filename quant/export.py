@@ -76,6 +76,8 @@ def _ct_problem(name, w: QScheme, a: QScheme | None, in_features: int, conv1d: b
                 f"(the format has no padded last group; use a group that divides it, or per-channel)")
     if a is not None and (a.bits != 8 or w.bits != 8):
         return f"{name}: W{w.bits}A{a.bits} (the format's integer activations are W8A8)"
+    if a is not None and a.group_size is not None:
+        return f"{name}: activations per token group ({a.describe()}; this exporter writes per-token or per-tensor inputs)"
     if a is not None and a.dynamic and a.symmetric:
         return (f"{name}: symmetric per-token activations (compressed-tensors scales them by absmax / 127.5, "
                 f"this scheme by absmax / 127: the loaded model would compute something else)")

@@ -404,6 +404,8 @@ def _cpu_rowwise_fp8() -> bool:
 def kernel_for(q: IntLayer):
     """(module class, None) for a layer that has an integer (or FP8) kernel, else (None, reason)."""
     w, a = q.weight_quant.scheme, q.act_quant.scheme if q.act_quant is not None else None
+    if a is not None and a.group_size is not None:
+        return None, f"no kernel takes activation scales per token group ({a.describe()}): the GEMMs here scale whole rows"
     if w.format == "fp8" and a is not None and a.format == "fp8":
         if not (w.granularity == "channel" and w.axis in (0, -2) and a.dynamic and a.granularity == "token"):
             return None, f"the FP8 kernel takes per-channel weights and dynamic per-token activations, not {w.describe()} x {a.describe()}"

@@ -264,6 +264,7 @@ class Recipe:
         a = self.activation
         w = f"W{self.weight.bits}" + (f"A{a.bits} {self.act}" if a is not None else "")
         w += f" a={a.format}" if a is not None and a.format != "int" else ""
+        w += f" a_group={a.group_size}" if a is not None and a.group_size else ""
         extra = [f"{k}={v}" for k, v in sorted(self.to_dict()["method_args"].items())]
         if self.w_observer != "minmax":
             search = sorted(self.to_dict()["w_observer_args"].items())

@@ -7,7 +7,9 @@ Granularities:
   channel  one scale per index along `axis`
   group    one scale per `group_size` consecutive elements of the last (input) dimension;
            a last partial group is allowed (it is zero-padded, and zero is always exact)
-  token    dynamic: one scale per row of the last dimension, computed on every call
+  token    dynamic: one scale per row of the last dimension, computed on every call; with a
+           group_size, one per group_size consecutive elements of each row (per-token-group,
+           the "1 x 128 block" activation scales of block FP8)
 
 `format` is the grid the scaled values are rounded onto: "int" (the integer range of `bits`), or
 a floating-point format of quant/formats.py: fp8 (E4M3), mxfp4 or nvfp4 (E2M1 in blocks of 32 /
@@ -41,11 +43,13 @@ class QScheme:
             raise ValueError(f"bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {self.bits!r}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if self.granularity == "group":
-            if not isinstance(self.group_size, int) or self.group_size < 1:
-                raise ValueError(f"group granularity needs a positive integer group_size, got {self.group_size!r}")
+        if self.granularity == "group" or (self.granularity == "token" and self.group_size is not None):
+            if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+                raise ValueError(f"{self.granularity} granularity needs a positive integer group_size"
+                                 + (" (or None: one scale per token)" if self.granularity == "token" else "")
+                                 + f", got {self.group_size!r}")
         elif self.group_size is not None:
-            raise ValueError(f"group_size is only meaningful with granularity='group' (got {self.granularity!r})")
+            raise ValueError(f"group_size is only meaningful with granularity 'group' or 'token' (got {self.granularity!r})")
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
         if self.format != "int":
@@ -53,9 +57,9 @@ class QScheme:
                 raise ValueError(f"{self.format} is a signed, symmetric {BITS[self.format]}-bit format: "
                                  f"bits={BITS[self.format]}, symmetric and signed (got {self.describe_int()})")
             block = BLOCK.get(self.format)
-            if block and not (self.granularity == "token" or (self.granularity == "group" and self.group_size == block)):
+            if block and (self.granularity, self.group_size) not in (("group", block), ("token", None)):
                 raise ValueError(f"{self.format} has one scale per block of {block}: granularity='group' with "
-                                 f"group_size={block} (weights) or 'token' (activations), got {self.granularity!r}"
+                                 f"group_size={block} (weights) or 'token' without one (activations), got {self.granularity!r}"
                                  + (f" with group_size={self.group_size}" if self.group_size else ""))
 
     @property
@@ -77,9 +81,9 @@ class QScheme:
 
     @property
     def block(self) -> int | None:
-        """Elements per scale along the last dimension: the group, a block format's block on a
-        token (each row in blocks), or None (one scale spans the row)."""
-        if self.granularity == "group":
+        """Elements per scale along the last dimension: the group (of a weight, or of each token),
+        a block format's block on a token (each row in blocks), or None (one scale spans the row)."""
+        if self.group_size is not None:
             return self.group_size
         return BLOCK.get(self.format) if self.granularity == "token" else None
 
@@ -91,7 +95,7 @@ class QScheme:
 
     def describe_int(self) -> str:
         g = {"tensor": "per-tensor", "channel": f"per-channel(axis={self.axis})",
-             "group": f"g{self.group_size}", "token": "per-token"}[self.granularity]
+             "group": f"g{self.group_size}", "token": "per-token" + (f"-g{self.group_size}" if self.group_size else "")}[self.granularity]
         return f"int{self.bits} {'sym' if self.symmetric else 'asym'} {g}"
 
     def describe(self) -> str:

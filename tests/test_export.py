@@ -90,6 +90,7 @@ def tiny_gpt2_model():
     (Recipe(weight=sym(4, 32)), None, "not a multiple of group 32"),  # 172-wide down_proj: a padded last group
     (Recipe(weight=sym(4, 32), embeddings=True, group_fallback=True), None, "quantized embeddings"),
     (Recipe(weight=sym(8), activation=QScheme(8, granularity="token")), None, "symmetric per-token"),
+    (Recipe(weight=sym(8), activation=QScheme(8, False, granularity="token", group_size=16)), None, "per token group"),
     (Recipe(weight=sym(4, 4), activation=QScheme(8, symmetric=False), a_observer="minmax"), None, "W4A8"),
     (Recipe(weight=sym(4, 32)), tiny_gpt2_model, "Conv1D"),
 ])

@@ -116,6 +116,30 @@ def test_dynamic_token_blocks_do_not_depend_on_the_batch():
             assert torch.equal(y[2, i], q(x[2, i:i + 1])[0])
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "int"])
+def test_token_group_activations_are_each_group_alone(fmt):
+    """Per-token-group scales (block FP8's 1 x g activations): every group of g channels of a token
+    is quantized as if it were a token of its own; a partial last group gets its own scale too."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 40) * torch.tensor([1e-3] * 16 + [1.0] * 16 + [1e3] * 8)  # groups 6 decades apart
+    scheme = QScheme(8, symmetric=fmt != "int", granularity="token", group_size=16, format=fmt)
+    y = Quantizer(scheme)(x)
+    for lo, hi in ((0, 16), (16, 32), (32, 40)):
+        g = x[..., lo:hi].reshape(-1, hi - lo)
+        if fmt == "fp8":  # E4M3 through ml_dtypes' cast, scale = the group's absmax / 448
+            s = g.abs().amax(1, keepdim=True) / 448
+            ref = cast(g / s, ml_dtypes.float8_e4m3fn) * s
+        else:  # PyTorch's own asymmetric int8 fake quant, the affine map of each group's [min, max]
+            mn, mx = g.amin(1).clamp(max=0), g.amax(1).clamp(min=0)
+            s = (mx - mn) / 255
+            zp = (-128 - torch.round(mn / s)).clamp(-128, 127).int()
+            ref = torch.fake_quantize_per_channel_affine(g, s, zp, 0, -128, 127)
+        torch.testing.assert_close(y[..., lo:hi].reshape(-1, hi - lo), ref, rtol=0, atol=0)
+    per_token = Quantizer(QScheme(8, symmetric=fmt != "int", granularity="token", format=fmt))(x)
+    small = slice(0, 16)  # per token they sit far below the row's step; per group, on their own grid
+    assert (y - x)[..., small].abs().sum() < (per_token - x)[..., small].abs().sum() / 10
+
+
 def test_straight_through_gradient():
     x = torch.randn(4, 32, requires_grad=True)
     y = fake_quantize_format(x, format_scale(x.detach().abs().amax(-1, keepdim=True), "mxfp4"), "mxfp4")
@@ -188,7 +212,9 @@ def test_scheme_and_recipe_rules():
            lambda: QScheme(4, False, granularity="group", group_size=16, format="nvfp4"),
            lambda: QScheme(4, granularity="tensor", format="mxfp4"), lambda: QScheme(8, format="fp6"),
            lambda: Recipe(weight=MX, method="awq"), lambda: Recipe(weight=NV, w_observer="mse"),
-           lambda: Recipe(weight=FP8, activation=QScheme(8, format="fp8"), a_observer="entropy")]
+           lambda: Recipe(weight=FP8, activation=QScheme(8, format="fp8"), a_observer="entropy"),
+           lambda: QScheme(4, granularity="token", group_size=16, format="nvfp4"),  # the block is the format's
+           lambda: QScheme(8, granularity="token", group_size=0), lambda: QScheme(8, granularity="channel", group_size=8)]
     for make in bad:
         with pytest.raises(ValueError):
             make()
@@ -220,6 +246,12 @@ def test_format_rows_end_to_end(source, request, tmp_path):
     for fmt in ("mxfp4", "nvfp4"):
         rows += ptq_llm.main(args_for(model, tmp_path, *common, "--bits", "4", "--act", "none", "dynamic", "--act_w_bits", "4",
                                       "--a_bits", "4", "--w_format", fmt, "--a_format", fmt))
+    grouped = ptq_llm.main(args_for(model, tmp_path, *common[:-1], "--bits", "8", "--act", "dynamic", "--w_format", "fp8",
+                                    "--a_format", "fp8", "--a_group_size", "16"))[-1]
+    per_token = next(r for r in rows if (r["method"], r["act"]) == ("rtn", "dynamic"))
+    assert grouped["a_group_size"] == 16 and Recipe.from_json(grouped["recipe"]).activation.block == 16
+    assert np.isfinite(grouped["kld"])
+    assert grouped["recipe_id"] != per_token["recipe_id"] and per_token["a_group_size"] is None
     fp32 = rows[0]["perplexity"]
     got = {(r["method"], r["w_format"], r["a_format"], r["act"]): r for r in rows if r["method"] != "fp32"}
     assert len(got) == 2 * (3 + 2 + 2)
@@ -232,6 +264,8 @@ def test_format_rows_end_to_end(source, request, tmp_path):
             assert r["kld"] < got[method, "mxfp4", "mxfp4" if act != "none" else "", act]["kld"] / 4
     with pytest.raises(UsageError, match="use --act dynamic"):
         ptq_llm.main(args_for(model, tmp_path, "--act", "static", "--a_format", "mxfp4", "--a_bits", "4"))
+    with pytest.raises(UsageError, match="--a_group_size"):
+        ptq_llm.main(args_for(model, tmp_path, "--act", "static", "--a_format", "fp8", "--a_group_size", "16"))
     with pytest.raises(UsageError, match="drop --save_model"):
         ptq_llm.main(args_for(model, tmp_path, "--bits", "8", "--act", "none", "--w_format", "fp8", "--save_model"))
     with pytest.raises(UsageError, match="4-bit format"):

@@ -148,6 +148,11 @@ def test_unsupported_layers_stay_fake_quant_with_reason():
     model = nn.Sequential(nn.Linear(784, 16))
     quantize_linears(model, QScheme(4, granularity="group", group_size=128))
     assert "multiple of the group" in convert_to_int(model)["0"]
+    for fmt in ("int", "fp8"):  # int8 (CPU) and FP8 GEMMs scale whole rows, not groups of a token
+        model = nn.Sequential(nn.Linear(64, 48))
+        quantize_linears(model, QScheme(8, granularity="channel", format=fmt),
+                         QScheme(8, granularity="token", group_size=32, format=fmt))
+        assert "per token group" in convert_to_int(model)["0"]
 
 
 def test_int_weights_take_less_memory():
