@@ -7,6 +7,9 @@ agreement). The parts:
   activations                every linear's input, one scale per token (dynamic), weights in float
   activations <kind>         only the inputs of one kind of layer (q_proj, ..., down_proj)
   weights + activations      FP8 W8A8 with RTN, as the ptq_llm rows quantize it
+  activations g<G>           every linear's input, one scale per group of G channels of each token
+                             (block FP8's 1 x G activation scales; --a_group_size, default 128)
+  weights mse + activations g<G>  both: the best RTN the two choices above make
 
 It is the same arithmetic as the rows (quant.modules.Quantizer over quant.formats), applied to the
 float model directly so that each part can be switched on alone; lm_head stays float, as in the
@@ -14,6 +17,7 @@ rows. Where activations alone cost more than a target allows, no weight method c
 
     python bench/fp8_split.py --device cuda                      # SmolLM2-135M, full WikiText-2 test
     python bench/fp8_split.py --model_name stories260K --eval_samples 16 --seq_len 128
+    python bench/fp8_split.py --parts "activations g128" "weights mse + activations g128"
 
 Appends one row per part to results/bench_fp8_split.csv, as each part finishes.
 """
@@ -49,6 +53,8 @@ def main(argv=None):
     p.add_argument("--seq_len", type=positive_int, default=512)
     p.add_argument("--eval_samples", type=positive_int, default=None, help="cap on test windows (default: the full split)")
     p.add_argument("--batch_size", type=positive_int, default=8)
+    p.add_argument("--a_group_size", type=positive_int, default=128, help="channels per activation scale of the g parts")
+    p.add_argument("--parts", nargs="+", default=None, help="run only these parts (default: all)")
     p.add_argument("--device", default=None)
     p.add_argument("--no_progress", action="store_true")
     p.add_argument("--results_dir", default="results")
@@ -63,23 +69,31 @@ def main(argv=None):
     kinds = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in linears))
     floats = {n: m.weight.detach().clone() for n, m in linears.items()}
     fp8 = {obs: {n: fp8_weight(w, obs) for n, w in floats.items()} for obs in ("minmax", "mse")}
-    act = Quantizer(A_FP8).to(device)
+    g = args.a_group_size
+    acts = {None: Quantizer(A_FP8).to(device), g: Quantizer(QScheme(8, granularity="token", group_size=g, format="fp8")).to(device)}
     ev = lambda **kw: evaluate(model, windows, args.batch_size, device, not args.no_progress, **kw)  # noqa: E731
+    parts = [("weights", "minmax", (), None), ("weights mse", "mse", (), None), ("activations", None, kinds, None)]
+    parts += [(f"activations {k}", None, (k,), None) for k in kinds] + [("weights + activations", "minmax", kinds, None)]
+    parts += [(f"activations g{g}", None, kinds, g), (f"weights mse + activations g{g}", "mse", kinds, g)]
+    unknown = set(args.parts or ()) - {name for name, *_ in parts}
+    if unknown:
+        raise UsageError(f"unknown --parts {sorted(unknown)}; the parts of this model: {[name for name, *_ in parts]}")
     fp = ev(keep_reference=32)
     print(f"float perplexity {fp['perplexity']:.4f} ({len(windows)} windows x {args.seq_len})")
-    parts = [("weights", "minmax", ()), ("weights mse", "mse", ()), ("activations", None, kinds)]
-    parts += [(f"activations {k}", None, (k,)) for k in kinds] + [("weights + activations", "minmax", kinds)]
     rows = []
-    for name, weights, act_kinds in parts:
-        hooks = []
+    for name, weights, act_kinds, group in parts:
+        if args.parts and name not in args.parts:
+            continue
+        hooks, act = [], acts[group]
         for n, m in linears.items():
             m.weight.data.copy_(floats[n] if weights is None else fp8[weights][n])
             if n.rsplit(".", 1)[-1] in act_kinds:
-                hooks.append(m.register_forward_pre_hook(lambda mod, a: (act(a[0]),) + a[1:]))
+                hooks.append(m.register_forward_pre_hook(lambda mod, a, act=act: (act(a[0]),) + a[1:]))
         out = ev(reference=fp["reference"])
         for h in hooks:
             h.remove()
         row = dict(timestamp=timestamp(), model=args.model_name, seq_len=args.seq_len, windows=len(windows), part=name,
+                   a_group_size=group if act_kinds else None,
                    perplexity=out["perplexity"], fp32_perplexity=fp["perplexity"], ppl_change=out["perplexity"] / fp["perplexity"] - 1,
                    kld=float(out["kld_tokens"].mean()), top1_agree=out["top1_agree"], device_name=device_name(device), code=code_version(),
                    **environment(device))

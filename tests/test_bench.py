@@ -87,12 +87,13 @@ def test_fp8_split_parts_are_the_rows_arithmetic(tmp_path, monkeypatch):
     spec.loader.exec_module(bench)
     folder = os.path.join(DATA, "stories260K")
     rows = bench.main(["--model_name", folder, "--eval_samples", "6", "--seq_len", "64", "--batch_size", "3",
-                       "--device", "cpu", "--no_progress", "--results_dir", str(tmp_path)])
+                       "--device", "cpu", "--no_progress", "--results_dir", str(tmp_path), "--a_group_size", "16"])
     got = {r["part"]: r["perplexity"] for r in rows}
-    assert len(pd.read_csv(tmp_path / "bench_fp8_split.csv")) == len(rows) == 4 + 7  # 7 layer kinds in a Llama block
+    assert len(pd.read_csv(tmp_path / "bench_fp8_split.csv")) == len(rows) == 6 + 7  # 7 layer kinds in a Llama block
     windows = eval_windows(tokenize(load_tokenizer(folder), wikitext_text("test", DATA)), 64, 6)
     w = QScheme(8, granularity="channel", axis=0, format="fp8")
-    for part, act in (("weights", None), ("weights + activations", QScheme(8, granularity="token", format="fp8"))):
-        model = quantize_model(load_model(folder, "cpu"), Recipe(weight=w, activation=act), None, progress=False)
+    for part, act, obs in (("weights", None, "minmax"), ("weights + activations", QScheme(8, granularity="token", format="fp8"), "minmax"),
+                           ("weights mse + activations g16", QScheme(8, granularity="token", group_size=16, format="fp8"), "mse")):
+        model = quantize_model(load_model(folder, "cpu"), Recipe(weight=w, activation=act, w_observer=obs), None, progress=False)
         assert evaluate(model, windows, 3, "cpu", progress=False, stats=False)["perplexity"] == got[part], part
     assert got["weights mse"] != got["weights"]
