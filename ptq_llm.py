@@ -16,7 +16,8 @@ scales (from the --observers) or dynamic per-token activations. Each runs with e
   hqq          HQQ: each group's zero point optimised as a float, no calibration data; --w_asym only
   signround    SignRound (AutoRound): rounding offsets and range factors learned per block by signed
                gradient descent against the float model's block outputs (--signround_iters steps)
---w_format / --a_format pick FP8, MXFP4 or NVFP4 grids instead of integers; --rotation hadamard
+--w_format / --a_format pick FP8, MXFP4 or NVFP4 grids instead of integers (--a_group_size: dynamic
+activations scaled per group of channels of each token, block FP8's scales); --rotation hadamard
 rotates the float model first (QuaRot-style, quant/rotation.py); --kv_bits quantizes the KV cache
 that attention reads (KIVI, quant/kvcache.py). Each rotation and each KV setting is a run of all
 the configurations.

@@ -767,7 +767,8 @@ def fp8_split(df, out_dir):
     t["kld"], t["top-1"] = [f"{k:.4f}" for k in df.kld], [f"{a:.4f}" for a in df.top1_agree]
     t["code"] = df.code.values
     return ("E4M3 applied to one part of the float model at a time (weights per output channel, min-max or the MSE "
-            "search of the grid's alignment; every linear's input per token; one layer kind's inputs alone; both), "
+            "search of the grid's alignment; every linear's input per token, or per group of G channels of each token "
+            "(gG); one layer kind's inputs alone; both), "
             "each against the float model on the same windows; lm_head in float. `python bench/fp8_split.py --device cuda`\n\n"
             + t.to_markdown(index=False, disable_numparse=True) + "\n")
 
@@ -802,18 +803,21 @@ def fp8_rotation(df, out_dir):
     t = df[df.method != "fp32"].copy()
     t["w_observer"] = t.w_observer.fillna("minmax")
     t["method_args"] = t.method_args.fillna("")
-    t = t.groupby(["model", "method", "rotation", "w_observer", "method_args", "calib_samples", "eval_tokens"], sort=False).tail(1)
+    groups = t.a_group_size if "a_group_size" in t else pd.Series(float("nan"), index=t.index)
+    t["activations"] = [f"per token, groups of {g:.0f}" if g == g else "per token" for g in groups]
+    t = t.groupby(["model", "method", "rotation", "w_observer", "method_args", "activations", "calib_samples", "eval_tokens"],
+                  sort=False).tail(1)
     t["vs FP32"] = [f"{100 * (p / fp32 - 1):+.2f} %" for p in t.perplexity]
     t["perplexity"], t["kld"] = [f"{p:.3f}" for p in t.perplexity], [f"{k:.4f}" for k in t.kld]
     t["hessian_mse"] = ["yes" if "hessian_mse" in a else "" for a in t.method_args]
-    cols = ["model", "method", "rotation", "w_observer", "hessian_mse", "w_format", "a_format", "act", "calib_samples",
-            "perplexity", "vs FP32", "kld", "device", "code"]
+    cols = ["model", "method", "rotation", "w_observer", "hessian_mse", "w_format", "a_format", "act", "activations",
+            "calib_samples", "perplexity", "vs FP32", "kld", "device", "code"]
     r = df.iloc[-1]
     return (f"FP32 {fp32:.3f} on {int(r.eval_tokens // r.seq_len)} test windows of {int(r.seq_len)}. "
             "`python ptq_llm.py --model_name models/SmolLM2-135M-f32 "
             "--seq_len 512 --calib_samples 32 --eval_samples 40 --batch_size 4 --method rtn gptq --bits 8 --w_format fp8 "
             "--a_format fp8 --act dynamic --act_order --rotation none hadamard --results_dir results/fp8_cpu` "
-            "(and `--rotation none --w_observer mse --gptq_hessian_mse`)\n\n"
+            "(and `--rotation none --w_observer mse --gptq_hessian_mse`, with `--a_group_size 128`: block FP8's activations)\n\n"
             + t[cols].to_markdown(index=False, disable_numparse=True) + "\n")
 
 
