@@ -271,6 +271,7 @@ def grid_extras(r) -> str:
     """What a row's setting adds to its bits and group: number formats, rotation, KV cache."""
     text = lambda v: v if isinstance(v, str) and v not in ("", "int", "none") else ""  # noqa: E731
     out = (f" {text(r.w_format)}" if text(r.w_format) else "") + (f" a={text(r.a_format)}" if text(r.a_format) else "")
+    out += f" a_g{int(r.a_group_size)}" if pd.notna(getattr(r, "a_group_size", None)) else ""
     out += " +hadamard" if text(r.rotation) else ""
     if pd.notna(r.kv_bits):
         out += f" kv{int(r.kv_bits)} g{int(r.kv_group)}" + (f" r{int(r.kv_residual)}" if r.kv_residual else "")
@@ -283,7 +284,7 @@ def llm_rows(df: pd.DataFrame) -> pd.DataFrame:
     df = df.copy()
     for col, default in (("method_args", ""), ("w_symmetric", True), ("quant_seconds", None), ("budget", None),
                          ("bits_per_weight", None), ("mix", ""), ("w_format", ""), ("a_format", ""), ("rotation", "none"),
-                         ("kv_bits", None), ("kv_group", None), ("kv_residual", None)):
+                         ("kv_bits", None), ("kv_group", None), ("kv_residual", None), ("a_group_size", None)):
         if col not in df.columns:
             df[col] = default
     df["method_args"] = df.method_args.fillna("")
