@@ -797,17 +797,20 @@ def gptq_ranges(df, out_dir):
 
 
 def fp8_rotation(df, out_dir):
-    """FP8 W8A8 (E4M3 per-channel weights, per-token dynamic activations) with and without the Hadamard rotation,
-    min-max or MSE-searched weight scales: the latest row of each configuration, on the FP32 row of the latest run."""
+    """FP8 (E4M3 per-channel weights; W8A8: dynamic activations per token or per group of each token) with and
+    without the Hadamard rotation, min-max or MSE-searched weight scales: the latest row of each configuration, on
+    the FP32 row of the latest run."""
     df = df.sort_values("timestamp")
     fp32 = df[df.method == "fp32"].perplexity.iloc[-1]
     t = df[df.method != "fp32"].copy()
     t["w_observer"] = t.w_observer.fillna("minmax")
     t["method_args"] = t.method_args.fillna("")
+    t["a_format"] = t.a_format.fillna("")
     groups = t.a_group_size if "a_group_size" in t else pd.Series(float("nan"), index=t.index)
-    t["activations"] = [f"per token, groups of {g:.0f}" if g == g else "per token" for g in groups]
-    t = t.groupby(["model", "method", "rotation", "w_observer", "method_args", "activations", "calib_samples", "eval_tokens"],
-                  sort=False).tail(1)
+    t["activations"] = ["" if act == "none" else f"per token, groups of {g:.0f}" if g == g else "per token"
+                        for act, g in zip(t.act, groups)]
+    t = t.groupby(["model", "method", "rotation", "w_observer", "method_args", "act", "activations", "calib_samples",
+                   "eval_tokens"], sort=False).tail(1)
     t["vs FP32"] = [f"{100 * (p / fp32 - 1):+.2f} %" for p in t.perplexity]
     t["perplexity"], t["kld"] = [f"{p:.3f}" for p in t.perplexity], [f"{k:.4f}" for k in t.kld]
     t["hessian_mse"] = ["yes" if "hessian_mse" in a else "" for a in t.method_args]
@@ -817,8 +820,9 @@ def fp8_rotation(df, out_dir):
     return (f"FP32 {fp32:.3f} on {int(r.eval_tokens // r.seq_len)} test windows of {int(r.seq_len)}. "
             "`python ptq_llm.py --model_name models/SmolLM2-135M-f32 "
             "--seq_len 512 --calib_samples 32 --eval_samples 40 --batch_size 4 --method rtn gptq --bits 8 --w_format fp8 "
-            "--a_format fp8 --act dynamic --act_order --rotation none hadamard --results_dir results/fp8_cpu` "
-            "(and `--rotation none --w_observer mse --gptq_hessian_mse`, with `--a_group_size 128`: block FP8's activations)\n\n"
+            "--a_format fp8 --act dynamic --act_order --rotation none hadamard --results_dir results/fp8_cpu`; "
+            "the MSE rows: `--rotation none --act none dynamic --w_observer mse --gptq_hessian_mse`, block FP8's "
+            "activations with `--a_group_size 128`\n\n"
             + t[cols].to_markdown(index=False, disable_numparse=True) + "\n")
 
 
@@ -851,7 +855,7 @@ SECTIONS = [("ptq_nn", "MNIST PTQ", ptq_nn), ("qat_nn", "MNIST QAT", qat_nn), ("
             ("bench_fp8", "FP8 W8A8 layers against bf16", fp8),
             ("bench_fp8_split", "Where FP8 W8A8's error comes from", fp8_split),
             ("bench_scaling", "Data-parallel calibration", scaling),
-            ("fp8_cpu/ptq_llm", "FP8 W8A8: Hadamard rotation and MSE-searched scales (CPU)", fp8_rotation),
+            ("fp8_cpu/ptq_llm", "FP8: Hadamard rotation, MSE-searched scales and block activations (CPU)", fp8_rotation),
             ("onload/ptq_llm", "Models larger than memory", onload)]
 DOCS_HEAD = """# Results
 
