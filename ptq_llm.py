@@ -17,7 +17,8 @@ scales (from the --observers) or dynamic per-token activations. Each runs with e
   signround    SignRound (AutoRound): rounding offsets and range factors learned per block by signed
                gradient descent against the float model's block outputs (--signround_iters steps)
 --w_format / --a_format pick FP8, MXFP4 or NVFP4 grids instead of integers (--a_group_size: dynamic
-activations scaled per group of channels of each token, block FP8's scales); --rotation hadamard
+activations scaled per group of channels of each token, block FP8's scales; --w8_group_size: 8-bit
+weights per group); --rotation hadamard
 rotates the float model first (QuaRot-style, quant/rotation.py); --kv_bits quantizes the KV cache
 that attention reads (KIVI, quant/kvcache.py). Each rotation and each KV setting is a run of all
 the configurations.
@@ -107,6 +108,10 @@ def build_parser(prog=None):
     p.add_argument("--batch_size", type=positive_int, default=4, help="windows per forward pass (default: 4)")
     p.add_argument("--group_size", type=int, default=128,
                    help="weight group size below 8 bits; 0 = per-channel (default: 128)")
+    p.add_argument("--w8_group_size", type=int, default=0,
+                   help="8-bit weights (int8 or fp8) with one scale per group of this many input channels instead of "
+                        "one per output channel; with fp8 the MSE search then aligns E4M3's grid per group. "
+                        "Fake-quant only: the W8 kernels take per-channel scales (default: 0 = per channel)")
     p.add_argument("--w_observer", choices=["minmax", "mse"], default="minmax",
                    help="weight observer, also GPTQ's scale search (AWQ runs its own clip search; FP8: the search aligns "
                         "E4M3's grid, clipping nothing) (default: minmax)")
@@ -211,9 +216,11 @@ def configurations(args):
     return out
 
 
-def weight_scheme(bits, group_size, symmetric=True, fmt="int"):
+def weight_scheme(bits, group_size, symmetric=True, fmt="int", w8_group_size=0):
     if fmt in BLOCK:
         return QScheme(bits, symmetric=symmetric, granularity="group", group_size=BLOCK[fmt], format=fmt)
+    if bits == 8 and w8_group_size:
+        return QScheme(bits, symmetric=symmetric, granularity="group", group_size=w8_group_size, format=fmt)
     if fmt == "fp8":
         return QScheme(bits, symmetric=symmetric, granularity="channel", axis=0, format=fmt)
     if bits < 8 and group_size:
@@ -248,7 +255,8 @@ def recipe_for(method, alpha, w_bits, act, observer, args, rotation="none", kv_b
                    "awq": lambda: dict(grid=args.awq_grid, tokens=args.awq_tokens), "smoothquant": lambda: dict(alpha=alpha),
                    "signround": lambda: dict(iters=args.signround_iters)}.get(method, dict)()
     w_format, a_format = getattr(args, "w_format", "int"), getattr(args, "a_format", "int")  # (rows from before the flags: int)
-    return Recipe(weight=weight_scheme(w_bits, args.group_size, not args.w_asym, w_format), method=method, method_args=method_args,
+    return Recipe(weight=weight_scheme(w_bits, args.group_size, not args.w_asym, w_format, getattr(args, "w8_group_size", 0)),
+                  method=method, method_args=method_args,
                   w_observer="minmax" if method in ("awq", "hqq", "signround") else args.w_observer,  # they search ranges their own way
                   activation=act_scheme(act, args.a_bits, a_format, getattr(args, "a_group_size", 0)), a_observer=observer or None,
                   a_observer_args={"percentile": args.percentile} if observer == "percentile" else {},
@@ -465,6 +473,8 @@ def main(argv=None):
         raise UsageError(f"--group_size must be >= 0, got {args.group_size}")
     if "hqq" in args.method and not args.w_asym:
         raise UsageError("--method hqq optimises each group's zero point: add --w_asym")
+    if args.w8_group_size < 0:
+        raise UsageError(f"--w8_group_size must be >= 0, got {args.w8_group_size}")
     if args.a_group_size < 0:
         raise UsageError(f"--a_group_size must be >= 0, got {args.a_group_size}")
     if args.a_group_size and (args.a_format in BLOCK or set(args.act) - {"none", "dynamic"}):

@@ -797,7 +797,7 @@ def gptq_ranges(df, out_dir):
 
 
 def fp8_rotation(df, out_dir):
-    """FP8 (E4M3 per-channel weights; W8A8: dynamic activations per token or per group of each token) with and
+    """FP8 (E4M3 weights per channel or group; W8A8: dynamic activations per token or per group of each token) with and
     without the Hadamard rotation, min-max or MSE-searched weight scales: the latest row of each configuration, on
     the FP32 row of the latest run."""
     df = df.sort_values("timestamp")
@@ -809,20 +809,21 @@ def fp8_rotation(df, out_dir):
     groups = t.a_group_size if "a_group_size" in t else pd.Series(float("nan"), index=t.index)
     t["activations"] = ["" if act == "none" else f"per token, groups of {g:.0f}" if g == g else "per token"
                         for act, g in zip(t.act, groups)]
-    t = t.groupby(["model", "method", "rotation", "w_observer", "method_args", "act", "activations", "calib_samples",
-                   "eval_tokens"], sort=False).tail(1)
+    t["weights"] = [f"groups of {g:.0f}" if gran == "group" else "per channel" for gran, g in zip(t.granularity, t.group_size)]
+    t = t.groupby(["model", "method", "rotation", "w_observer", "method_args", "weights", "act", "activations",
+                   "calib_samples", "eval_tokens"], sort=False).tail(1)
     t["vs FP32"] = [f"{100 * (p / fp32 - 1):+.2f} %" for p in t.perplexity]
     t["perplexity"], t["kld"] = [f"{p:.3f}" for p in t.perplexity], [f"{k:.4f}" for k in t.kld]
     t["hessian_mse"] = ["yes" if "hessian_mse" in a else "" for a in t.method_args]
-    cols = ["model", "method", "rotation", "w_observer", "hessian_mse", "w_format", "a_format", "act", "activations",
-            "calib_samples", "perplexity", "vs FP32", "kld", "device", "code"]
+    cols = ["model", "method", "rotation", "w_observer", "hessian_mse", "w_format", "weights", "a_format", "act",
+            "activations", "calib_samples", "perplexity", "vs FP32", "kld", "device", "code"]
     r = df.iloc[-1]
     return (f"FP32 {fp32:.3f} on {int(r.eval_tokens // r.seq_len)} test windows of {int(r.seq_len)}. "
             "`python ptq_llm.py --model_name models/SmolLM2-135M-f32 "
             "--seq_len 512 --calib_samples 32 --eval_samples 40 --batch_size 4 --method rtn gptq --bits 8 --w_format fp8 "
             "--a_format fp8 --act dynamic --act_order --rotation none hadamard --results_dir results/fp8_cpu`; "
             "the MSE rows: `--rotation none --act none dynamic --w_observer mse --gptq_hessian_mse`, block FP8's "
-            "activations with `--a_group_size 128`\n\n"
+            "activations with `--a_group_size 128`, weights per group with `--w8_group_size`\n\n"
             + t[cols].to_markdown(index=False, disable_numparse=True) + "\n")
 
 

@@ -20,6 +20,7 @@ from tests.test_llm import args_for, stories  # noqa: F401  (the stories260K fix
 MX = QScheme(4, granularity="group", group_size=32, format="mxfp4")
 NV = QScheme(4, granularity="group", group_size=16, format="nvfp4")
 FP8 = QScheme(8, granularity="channel", format="fp8")
+FP8_G = QScheme(8, granularity="group", group_size=16, format="fp8")  # (--w8_group_size)
 
 
 def cast(x: torch.Tensor, dtype) -> torch.Tensor:
@@ -147,7 +148,7 @@ def test_straight_through_gradient():
     assert torch.equal(x.grad, torch.ones_like(x))
 
 
-@pytest.mark.parametrize("scheme", [MX, NV, FP8], ids=["mxfp4", "nvfp4", "fp8"])
+@pytest.mark.parametrize("scheme", [MX, NV, FP8, FP8_G], ids=["mxfp4", "nvfp4", "fp8", "fp8-g16"])
 def test_gptq_in_a_float_format_lands_on_its_grid_and_beats_rtn(scheme):
     torch.manual_seed(4)
     X = torch.randn(2048, 64) @ torch.randn(64, 64)  # correlated inputs: where error feedback helps
@@ -174,17 +175,21 @@ def test_fp8_mse_search_is_the_best_of_every_grid_alignment():
     on heavy-tailed rows; with H = I GPTQ has nothing to compensate and is that search's RTN."""
     torch.manual_seed(0)
     W = torch.distributions.StudentT(3.0).sample((64, 256))
+
+    def alignments(rows):  # each row's squared error at every widening ratio, by casts
+        absmax = rows.abs().amax(1, keepdim=True)
+        return torch.stack([((rows / s).to(torch.float8_e4m3fn).float() * s - rows).pow(2).sum(1)
+                            for s in (absmax * (1 + k / 32) / 448 for k in range(32))], 1)
     layer = QuantLinear(W, None, FP8, w_observer="mse")
-    absmax = W.abs().amax(1, keepdim=True)
-    errs = []
-    for k in range(32):
-        s = absmax * (1 + k / 32) / 448
-        errs.append(((W / s).to(torch.float8_e4m3fn).float() * s - W).pow(2).sum(1))
-    errs = torch.stack(errs, 1)
-    best = errs.min(1).values
+    errs = alignments(W)
     got = (layer.weight - W).pow(2).sum(1)
-    assert torch.allclose(got, best, rtol=1e-5)
+    assert torch.allclose(got, errs.min(1).values, rtol=1e-5)
     assert got.sum() < 0.9 * errs[:, 0].sum()  # min-max's alignment is rarely the best one
+    # per group of 16 (--w8_group_size): each group its own best alignment, less error than per row
+    grouped = QuantLinear(W, None, FP8_G, w_observer="mse")
+    got_g = (grouped.weight - W).reshape(-1, 16).pow(2).sum(1)
+    assert torch.allclose(got_g, alignments(W.reshape(-1, 16)).min(1).values, rtol=1e-5)
+    assert got_g.sum() < got.sum()
     Q, scale, _ = gptq_quantize(W, torch.eye(256), FP8, mse=True)
     assert torch.equal(Q, layer.weight) and torch.allclose(scale, layer.weight_quant.scale)
     Recipe(weight=FP8, w_observer="mse", method="gptq", method_args={"hessian_mse": True})  # accepted
@@ -247,7 +252,8 @@ def test_format_rows_end_to_end(source, request, tmp_path):
         rows += ptq_llm.main(args_for(model, tmp_path, *common, "--bits", "4", "--act", "none", "dynamic", "--act_w_bits", "4",
                                       "--a_bits", "4", "--w_format", fmt, "--a_format", fmt))
     grouped = ptq_llm.main(args_for(model, tmp_path, *common[:-1], "--bits", "8", "--act", "dynamic", "--w_format", "fp8",
-                                    "--a_format", "fp8", "--a_group_size", "16"))[-1]
+                                    "--a_format", "fp8", "--a_group_size", "16", "--w8_group_size", "16"))[-1]
+    assert (grouped["granularity"], grouped["group_size"], grouped["w_format"]) == ("group", 16, "fp8")
     per_token = next(r for r in rows if (r["method"], r["act"]) == ("rtn", "dynamic"))
     assert grouped["a_group_size"] == 16 and Recipe.from_json(grouped["recipe"]).activation.block == 16
     assert np.isfinite(grouped["kld"])
@@ -264,6 +270,8 @@ def test_format_rows_end_to_end(source, request, tmp_path):
             assert r["kld"] < got[method, "mxfp4", "mxfp4" if act != "none" else "", act]["kld"] / 4
     with pytest.raises(UsageError, match="use --act dynamic"):
         ptq_llm.main(args_for(model, tmp_path, "--act", "static", "--a_format", "mxfp4", "--a_bits", "4"))
+    with pytest.raises(UsageError, match="--w8_group_size"):
+        ptq_llm.main(args_for(model, tmp_path, "--w8_group_size", "-1"))
     with pytest.raises(UsageError, match="--a_group_size"):
         ptq_llm.main(args_for(model, tmp_path, "--act", "static", "--a_format", "fp8", "--a_group_size", "16"))
     with pytest.raises(UsageError, match="drop --save_model"):
