@@ -7,7 +7,8 @@ measured in one run on one machine.
 
 MLP: test accuracy, images/s at batch 1 and 256. LLM: perplexity on --eval_samples WikiText-2
 test windows, prefill tokens/s on one --seq_len window and the time spent in its linear layers
-(lm_head excluded), one-token decode tokens/s after a --seq_len prefill, at batch 1 and for each
+(lm_head excluded), one-token decode tokens/s after a --seq_len prefill and the time that step
+spends in its linear layers (lm_head included), at batch 1 and for each
 --decode_batches B (B sequences, a token each), and the batch-1 decode's roofline: the share of the
 machine's streaming-read bandwidth (measured in the same run) that reading the variant's whole state once
 per token would take. For every variant: the time it took to produce (quantize, calibrate,
@@ -289,8 +290,13 @@ def llm_bench(args):
     prefill = time_interleaved({k: (lambda m=m: m(prompt)) for k, (m, *_) in built.items()}, args.repeats)
     # the linear layers' share of a prefill, timed inside the real forward (same layer names in every variant)
     linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
-    linears = linear_seconds({k: m for k, (m, *_) in built.items()}, linear_names, prompt, args.repeats)
+    models = {k: m for k, (m, *_) in built.items()}
+    linears = linear_seconds(models, linear_names, {k: (lambda m=m: m(prompt)) for k, m in models.items()}, args.repeats)
     decode = time_interleaved({k: decode_step(m) for k, (m, *_) in built.items()}, args.repeats * 4)
+    # and of a decode step, lm_head included (decode reads it too): what the kernels alone gain, apart
+    # from the rest of the step (norms, attention, the cache, Python), which every variant shares
+    decode_linears = linear_seconds(models, linear_names + ["lm_head"], {k: decode_step(m) for k, m in models.items()},
+                                    args.repeats * 4)
     # one token for each of B sequences: past some B the int4 layers leave their matrix-vector kernel
     # for unpack + GEMM, and their weights' bytes stop being what the step waits on
     batched = {}
@@ -315,6 +321,8 @@ def llm_bench(args):
                          linears_prefill_ms=round(linears[name] * 1e3, 2),
                          speedup_linears_prefill=round(linears["float"] / linears[name], 3),
                          speedup_decode=round(decode["float"] / decode[name], 3), seq_len=args.seq_len,
+                         linears_decode_ms=round(decode_linears[name] * 1e3, 2),
+                         speedup_linears_decode=round(decode_linears["float"] / decode_linears[name], 3),
                          read_gb_per_s=round(bandwidth / 1e9, 2),
                          # the roofline: the share of that bandwidth a batch-1 decode step uses if it reads its
                          # state once (weights, embedding included) and nothing else
@@ -327,9 +335,9 @@ def llm_bench(args):
     return rows
 
 
-def linear_seconds(models: dict, names, x, repeats) -> dict:
-    """{variant: median over `repeats` forwards of the seconds spent inside the named submodules},
-    timed in shuffled rounds across variants like time_interleaved."""
+def linear_seconds(models: dict, names, calls: dict, repeats) -> dict:
+    """{variant: median over `repeats` calls (calls[variant]() runs the model) of the seconds spent
+    inside the named submodules}, timed in shuffled rounds across variants like time_interleaved."""
     spent = {k: [0.0] for k in models}
     start = {}
     handles = []
@@ -353,12 +361,12 @@ def linear_seconds(models: dict, names, x, repeats) -> dict:
     times = {k: [] for k in models}
     try:
         with torch.no_grad():
-            for m in models.values():
-                m(x)
+            for call in calls.values():
+                call()
             for order in rounds(models, repeats):
                 for k in order:
                     spent[k][0] = 0.0
-                    models[k](x)
+                    calls[k]()
                     times[k].append(spent[k][0])
     finally:
         for h in handles:

@@ -22,6 +22,8 @@ def test_llm_bench_writes_rows_against_float_of_the_same_run(tmp_path):
     f = df.set_index("variant")
     assert f.loc["float", "speedup_prefill"] == 1.0 and f.loc["float", "speedup_linears_prefill"] == 1.0
     assert (f.linears_prefill_ms > 0).all() and (f.prefill_tokens_per_s > 0).all()
+    # a decode step's time inside its linears (lm_head included), against float's of the same run
+    assert f.loc["float", "speedup_linears_decode"] == 1.0 and (f.linears_decode_ms > 0).all()
     # batched decode against float at the same batch; the roofline from the run's own read bandwidth
     assert f.loc["float", "speedup_decode_b3"] == 1.0 and (f.decode_tokens_per_s_b3 > 0).all()
     assert (f.read_gb_per_s > 0.1).all() and f.read_gb_per_s.nunique() == 1
