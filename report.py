@@ -311,7 +311,9 @@ def llm_rows(df: pd.DataFrame) -> pd.DataFrame:
     ref = [r.fp32_perplexity if pd.notna(r.fp32_perplexity) else fp32_rows.get((r.label, r.seq_len, r.eval_tokens))
            for r in df.itertuples()]
     df["Δppl"] = df.perplexity - pd.to_numeric(pd.Series(ref, index=df.index))
-    df["algorithm"] = [m + (f" ({a})" if a and m != "rtn" else "") for m, a in zip(df.method, df.method_args)]
+    # (RTN has no method arguments; its weight ranges are what can tell two RTN rows apart)
+    df["algorithm"] = [m + (f" ({a})" if a and m != "rtn" else f" ({o})" if m == "rtn" and o not in ("minmax", "") else "")
+                       for m, a, o in zip(df.method, df.method_args, df.w_observer.fillna(""))]
     df["order"] = [(r.method != "fp32", r.act != "none", r.mixed, -(r.bits_per_weight if r.mixed else r.w_bits), not r.w_symmetric,
                     r.act, r.method != "rtn", r.method)
                    for r in df.itertuples()]

@@ -137,6 +137,10 @@ def test_report_refuses_two_recipes_in_one_cell_and_separates_settings(tmp_path)
                      seq_len=128, eval_tokens=1280), _llm_row(recipe_id=a.id), _llm_row(recipe_id=a.id, seq_len=128, eval_tokens=1280)]
     text = report.ptq_llm(pd.DataFrame(rows), str(tmp_path))
     assert text.count("**stories260K**, seq_len") == 2 and "seq_len 64, 640" in text and "seq_len 128, 1280" in text
+    # RTN with min-max and with MSE-searched weight ranges: one setting, two rows told apart by the algorithm
+    c = Recipe(**base, w_observer="mse")
+    rows = [_llm_row(recipe_id=a.id, recipe=a.to_json()), _llm_row(timestamp="2", recipe_id=c.id, recipe=c.to_json(), w_observer="mse")]
+    assert report.llm_rows(pd.DataFrame(rows)).algorithm.tolist() == ["rtn", "rtn (mse)"]
 
 
 def test_old_rows_get_their_recipe_rebuilt():
