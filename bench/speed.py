@@ -287,16 +287,17 @@ def llm_bench(args):
             out = m(ids[:, :-1], use_cache=True)
         past = out.past_key_values
         return lambda: m(ids[:, -1:], past_key_values=copy.copy(past), use_cache=True)
-    prefill = time_interleaved({k: (lambda m=m: m(prompt)) for k, (m, *_) in built.items()}, args.repeats)
+    models = {k: m for k, (m, *_) in built.items()}
+    prefills = {k: (lambda m=m: m(prompt)) for k, m in models.items()}
+    steps = {k: decode_step(m) for k, m in models.items()}  # (each a prefill once, then the same step on every call)
+    prefill = time_interleaved(prefills, args.repeats)
     # the linear layers' share of a prefill, timed inside the real forward (same layer names in every variant)
     linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
-    models = {k: m for k, (m, *_) in built.items()}
-    linears = linear_seconds(models, linear_names, {k: (lambda m=m: m(prompt)) for k, m in models.items()}, args.repeats)
-    decode = time_interleaved({k: decode_step(m) for k, (m, *_) in built.items()}, args.repeats * 4)
+    linears = linear_seconds(models, linear_names, prefills, args.repeats)
+    decode = time_interleaved(steps, args.repeats * 4)
     # and of a decode step, lm_head included (decode reads it too): what the kernels alone gain, apart
     # from the rest of the step (norms, attention, the cache, Python), which every variant shares
-    decode_linears = linear_seconds(models, linear_names + ["lm_head"], {k: decode_step(m) for k, m in models.items()},
-                                    args.repeats * 4)
+    decode_linears = linear_seconds(models, linear_names + ["lm_head"], steps, args.repeats * 4)
     # one token for each of B sequences: past some B the int4 layers leave their matrix-vector kernel
     # for unpack + GEMM, and their weights' bytes stop being what the step waits on
     batched = {}
