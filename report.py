@@ -666,7 +666,8 @@ def bench(df, out_dir):
         else:
             cols = ["variant", "provider", "quality", "build_seconds", "size_bytes", "state_bytes", "prefill_tokens_per_s",
                     "linears_prefill_ms", "decode_tokens_per_s", "speedup_prefill", "speedup_linears_prefill",
-                    "speedup_decode", "linears_decode_ms", "speedup_linears_decode", "decode_roofline",
+                    "speedup_decode", "linears_decode_ms", "speedup_linears_decode", "generate_tokens_per_s",
+                    "speedup_generate", "decode_roofline",
                     "speedup_decode_b4", "speedup_decode_b8", "speedup_decode_b16",
                     "speedup_decode_b32", "rss_mb", "peak_rss_mb", "peak_forward_mb", "notes", "code"]
         cols = [c for c in cols if c in last.columns and last[c].notna().any()]

@@ -7,8 +7,10 @@ measured in one run on one machine.
 
 MLP: test accuracy, images/s at batch 1 and 256. LLM: perplexity on --eval_samples WikiText-2
 test windows, prefill tokens/s on one --seq_len window and the time spent in its linear layers
-(lm_head excluded), one-token decode tokens/s after a --seq_len prefill and the time that step
-spends in its linear layers (lm_head included), at batch 1 and for each
+(lm_head excluded), one-token decode tokens/s after a --seq_len prefill (the model's forward
+alone, the cache cut back to the prompt after each step) and the time that step spends in its
+linear layers (lm_head included), the decode tokens/s of `generate` itself (greedy, batch 1, the
+--generate_tokens after the same prompt, from the first new token to the last), at batch 1 and for each
 --decode_batches B (B sequences, a token each), and the batch-1 decode's roofline: the share of the
 machine's streaming-read bandwidth (measured in the same run) that reading the variant's whole state once
 per token would take. For every variant: the time it took to produce (quantize, calibrate,
@@ -284,9 +286,15 @@ def llm_bench(args):
     def decode_step(m, batch=1):
         ids = prompt.repeat(batch, 1)
         with torch.no_grad():
-            out = m(ids[:, :-1], use_cache=True)
-        past = out.past_key_values
-        return lambda: m(ids[:, -1:], past_key_values=copy.copy(past), use_cache=True)
+            past = m(ids[:, :-1], use_cache=True).past_key_values
+        context = past.get_seq_length()
+
+        def step():  # the cache cut back after each call (the step grows it in place): the same step every time
+            out = m(ids[:, -1:], past_key_values=past, use_cache=True)
+            past.crop(context - past.get_seq_length())  # (negative: the tokens to drop, in every version)
+            return out
+        return step
+
     models = {k: m for k, (m, *_) in built.items()}
     prefills = {k: (lambda m=m: m(prompt)) for k, m in models.items()}
     steps = {k: decode_step(m) for k, m in models.items()}  # (each a prefill once, then the same step on every call)
@@ -298,6 +306,7 @@ def llm_bench(args):
     # and of a decode step, lm_head included (decode reads it too): what the kernels alone gain, apart
     # from the rest of the step (norms, attention, the cache, Python), which every variant shares
     decode_linears = linear_seconds(models, linear_names + ["lm_head"], steps, args.repeats * 4)
+    generate_rate = generate_rates(models, prompt, args.generate_tokens, max(3, args.repeats // 2))
     # one token for each of B sequences: past some B the int4 layers leave their matrix-vector kernel
     # for unpack + GEMM, and their weights' bytes stop being what the step waits on
     batched = {}
@@ -322,6 +331,8 @@ def llm_bench(args):
                          linears_prefill_ms=round(linears[name] * 1e3, 2),
                          speedup_linears_prefill=round(linears["float"] / linears[name], 3),
                          speedup_decode=round(decode["float"] / decode[name], 3), seq_len=args.seq_len,
+                         generate_tokens_per_s=round(generate_rate[name], 2), generate_tokens=args.generate_tokens,
+                         speedup_generate=round(generate_rate[name] / generate_rate["float"], 3),
                          linears_decode_ms=round(decode_linears[name] * 1e3, 2),
                          speedup_linears_decode=round(decode_linears["float"] / decode_linears[name], 3),
                          read_gb_per_s=round(bandwidth / 1e9, 2),
@@ -334,6 +345,39 @@ def llm_bench(args):
         print(f"{name:32s} ppl {ppl:8.3f}  prefill {rows[-1]['prefill_tokens_per_s']:8.1f} tok/s  "
               f"linears {rows[-1]['linears_prefill_ms']:8.1f} ms  decode {rows[-1]['decode_tokens_per_s']:6.2f} tok/s")
     return rows
+
+
+class _TokenClock:
+    """A `generate` streamer that only notes when each new token arrives (its first call is the prompt)."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def generate_rates(models: dict, prompt, tokens: int, repeats: int) -> dict:
+    """{variant: median tokens/s of greedy `generate` at batch 1 over `tokens` new tokens after the
+    prompt}, from the arrival of the first new token to the last: the decode steps as a user of
+    generate gets them (sampling, stopping criteria and cache handling included), the prefill not."""
+    def once(m):
+        clock = _TokenClock()
+        m.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, streamer=clock,
+                   pad_token_id=0, attention_mask=torch.ones_like(prompt))
+        sync()
+        return (tokens - 1) / (clock.times[-1] - clock.times[1])
+    rates = {k: [] for k in models}
+    with torch.no_grad():
+        for m in models.values():
+            once(m)
+        for order in rounds(models, repeats):
+            for k in order:
+                rates[k].append(once(models[k]))
+    return {k: statistics.median(v) for k, v in rates.items()}
 
 
 def linear_seconds(models: dict, names, calls: dict, repeats) -> dict:
@@ -455,6 +499,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=positive_int, default=10)
     ap.add_argument("--decode_batches", type=positive_int, nargs="*", default=[4, 8, 16],
                     help="LLM: also decode one token for each of B sequences, for each B here (default: 4 8 16)")
+    ap.add_argument("--generate_tokens", type=positive_int, default=64,
+                    help="LLM: new tokens per timed `generate` call after the --seq_len prompt (default: 64)")
     ap.add_argument("--memory_of", default=None, help=argparse.SUPPRESS)  # (the per-variant memory process)
     ap.add_argument("--only", nargs="+", default=None,
                     help="run only the variants whose name contains one of these strings (float always runs)")

@@ -13,7 +13,7 @@ def test_llm_bench_writes_rows_against_float_of_the_same_run(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "bench", "speed.py"), "llm",
            "--model_name", os.path.join(DATA, "stories260K"), "--data_dir", DATA,
            "--seq_len", "64", "--eval_samples", "2", "--repeats", "1", "--int4_group", "32",
-           "--only", "ours int8 dynamic", "ours int8 weight-only", "--decode_batches", "3",
+           "--only", "ours int8 dynamic", "ours int8 weight-only", "--decode_batches", "3", "--generate_tokens", "4",
            "--results_dir", str(tmp_path)]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     df = pd.read_csv(tmp_path / "bench_llm.csv")
@@ -24,6 +24,8 @@ def test_llm_bench_writes_rows_against_float_of_the_same_run(tmp_path):
     assert (f.linears_prefill_ms > 0).all() and (f.prefill_tokens_per_s > 0).all()
     # a decode step's time inside its linears (lm_head included), against float's of the same run
     assert f.loc["float", "speedup_linears_decode"] == 1.0 and (f.linears_decode_ms > 0).all()
+    # generate's own decode rate, against float's of the same run
+    assert f.loc["float", "speedup_generate"] == 1.0 and (f.generate_tokens_per_s > 0).all()
     # batched decode against float at the same batch; the roofline from the run's own read bandwidth
     assert f.loc["float", "speedup_decode_b3"] == 1.0 and (f.decode_tokens_per_s_b3 > 0).all()
     assert (f.read_gb_per_s > 0.1).all() and f.read_gb_per_s.nunique() == 1
