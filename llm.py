@@ -318,6 +318,19 @@ class FloatReference:
         return kld, logq.argmax(-1) == idx[:, 0]
 
 
+def predicting_only(model, seq_len: int, device) -> dict:
+    """The keyword arguments that make model(windows) score only the positions that predict a
+    token of the window (all but the last) and keep no KV cache: the last position's logits are
+    never made, and the rest come contiguous, so nothing vocabulary-wide is copied to drop them.
+    Each position's logits are the same numbers as in a full call (rows of one GEMM, tested)."""
+    import inspect
+    params = inspect.signature(model.forward).parameters
+    kwargs = {"use_cache": False} if "use_cache" in params else {}
+    if "logits_to_keep" in params:
+        kwargs["logits_to_keep"] = torch.arange(seq_len - 1, device=device)
+    return kwargs
+
+
 @torch.no_grad()
 def evaluate(model, windows: torch.Tensor, batch_size: int, device: str, progress: bool = True, desc: str = "eval",
              stats: bool = True, reference: FloatReference | None = None, keep_reference: int = 0) -> dict:
@@ -336,14 +349,17 @@ def evaluate(model, windows: torch.Tensor, batch_size: int, device: str, progres
     windows = windows[distributed.rank()::distributed.world()]
     onload = getattr(model, "onload", None)  # blocks on disk: block by block over `chunk` windows at a time
     if onload is not None:
-        scored = onload.logits(windows, batch_size, onload.chunk, progress)
+        scored = onload.logits(windows, batch_size, onload.chunk, progress, predicting=True)
     else:
-        scored = ((b, model(b).logits) for b in (w.to(device) for w in tqdm(windows.split(batch_size), desc=desc,
-                                                                                   disable=not progress, leave=False)))
+        kwargs = predicting_only(model, windows.shape[1], device)
+        scored = ((b, model(b, **kwargs).logits) for b in (w.to(device) for w in tqdm(
+            windows.split(batch_size), desc=desc, disable=not progress, leave=False)))
     for batch, logits in scored:
         target = batch[:, 1:].reshape(-1)
+        if logits.shape[1] == batch.shape[1]:  # (a model without logits_to_keep: all positions came)
+            logits = logits[:, :-1]
         # (vocabulary-wide tensors are what an evaluation's peak is made of: each dropped once dead)
-        logq = logits[:, :-1].float().reshape(-1, logits.shape[-1]).log_softmax(-1)
+        logq = logits.float().reshape(-1, logits.shape[-1]).log_softmax(-1)
         del logits
         nll += float(F.nll_loss(logq, target, reduction="sum"))  # (F.cross_entropy's own two steps, bit for bit)
         count += target.numel()

@@ -200,8 +200,10 @@ class Onload:
             raise ValueError("not every block is quantized yet")
         return self.resident_bytes() + sum(self.kept_bytes.values())
 
-    def logits(self, windows: torch.Tensor, batch_size: int, chunk: int, progress: bool = False):
-        """(batch, logits) for each batch of `windows`, the same as model(batch).logits: `chunk` windows
+    def logits(self, windows: torch.Tensor, batch_size: int, chunk: int, progress: bool = False,
+               predicting: bool = False):
+        """(batch, logits) for each batch of `windows`, the same as model(batch).logits (with
+        predicting, of every position but the last, as llm.predicting_only asks): `chunk` windows
         at a time go through block after block, each block loaded once per chunk. (Nothing here holds
         a batch's logits once it is yielded, as torch.no_grad's generator wrapper or a local would until
         the next batch's are made: two vocabulary-wide tensors would then count in the peak.)"""
@@ -223,7 +225,7 @@ class Onload:
                     self.release(i)
                     bar.update()
             for batch, (args, _) in zip(batches, inputs):
-                yield batch, scores(args[0])
+                yield batch, scores(args[0][:, :-1] if predicting else args[0])
         bar.close()
 
 

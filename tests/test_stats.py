@@ -93,10 +93,24 @@ def test_evaluation_arithmetic_is_the_plain_definition(models):
 
     from llm import FloatReference
     f, _, windows = models
-    r = evaluate(f, windows[:4], 4, "cpu", False, stats=False)
+    r = evaluate(f, windows[:4], 4, "cpu", False)
     logits = f(windows[:4]).logits
     nll = float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:4, 1:].reshape(-1), reduction="sum"))
     assert r["perplexity"] == float(torch.exp(torch.tensor(nll / windows[:4, 1:].numel())))
+    # (the evaluation asks the model for the predicting positions only: the same numbers as a full call's,
+    # per window too, and from a model whose forward cannot be asked)
+    logq = logits[:, :-1].reshape(-1, logits.shape[-1]).log_softmax(-1)
+    per_window = -logq.gather(-1, windows[:4, 1:].reshape(-1, 1)).reshape(4, -1).mean(1)
+    assert torch.equal(torch.from_numpy(r["window_nll"]), per_window.double())
+
+    class Plain(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids):
+            return self.m(input_ids)
+    assert evaluate(Plain(f), windows[:4], 4, "cpu", False, stats=False)["perplexity"] == r["perplexity"]
     torch.manual_seed(0)
     logp = (torch.randn(300, 40000) * 3).log_softmax(-1)  # more rows than one slice holds at this vocabulary
     ref = FloatReference(8, 16)
