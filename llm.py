@@ -3,6 +3,7 @@ file, local copy of a hub id, the repository's data/, then the hub), WikiText-2 
 checksummed, rebuilt into exactly the hub's rows, else the `Salesforce/wikitext` dataset),
 calibration windows and batched perplexity."""
 import importlib.util
+import inspect
 import os
 import warnings
 
@@ -323,7 +324,6 @@ def predicting_only(model, seq_len: int, device) -> dict:
     token of the window (all but the last) and keep no KV cache: the last position's logits are
     never made, and the rest come contiguous, so nothing vocabulary-wide is copied to drop them.
     Each position's logits are the same numbers as in a full call (rows of one GEMM, tested)."""
-    import inspect
     params = inspect.signature(model.forward).parameters
     kwargs = {"use_cache": False} if "use_cache" in params else {}
     if "logits_to_keep" in params:

@@ -172,21 +172,31 @@ def sync():
         torch.cuda.synchronize()
 
 
-def time_interleaved(fns: dict, repeats: int) -> dict:
-    """Median seconds of each callable over shuffled rounds. (no_grad, not inference_mode:
-    quanto's int4 weights cannot run under inference_mode.)"""
+def interleaved(measures: dict, repeats: int) -> dict:
+    """Median of the value each callable returns (a measurement of one run of its variant) over
+    shuffled rounds, after one warm-up call of each. (no_grad, not inference_mode: quanto's int4
+    weights cannot run under inference_mode.)"""
     with torch.no_grad():
-        for f in fns.values():
+        for f in measures.values():
             f()
-        times = {k: [] for k in fns}
-        for order in rounds(fns, repeats):
+        values = {k: [] for k in measures}
+        for order in rounds(measures, repeats):
             for k in order:
-                sync()
-                t0 = time.perf_counter()
-                fns[k]()
-                sync()
-                times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+                values[k].append(measures[k]())
+    return {k: statistics.median(v) for k, v in values.items()}
+
+
+def time_interleaved(fns: dict, repeats: int) -> dict:
+    """Median seconds of each callable over shuffled rounds (interleaved)."""
+    def timed(f):
+        def run():
+            sync()
+            t0 = time.perf_counter()
+            f()
+            sync()
+            return time.perf_counter() - t0
+        return run
+    return interleaved({k: timed(f) for k, f in fns.items()}, repeats)
 
 
 CPU_ONLY = ("torch.ao", "int8 static")  # variants whose kernels exist on CPU only
@@ -364,25 +374,19 @@ def generate_rates(models: dict, prompt, tokens: int, repeats: int) -> dict:
     """{variant: median tokens/s of greedy `generate` at batch 1 over `tokens` new tokens after the
     prompt}, from the arrival of the first new token to the last: the decode steps as a user of
     generate gets them (sampling, stopping criteria and cache handling included), the prefill not."""
-    def once(m):
-        clock = _TokenClock()
-        m.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, streamer=clock,
-                   pad_token_id=0, attention_mask=torch.ones_like(prompt))
-        sync()
-        return (tokens - 1) / (clock.times[-1] - clock.times[1])
-    rates = {k: [] for k in models}
-    with torch.no_grad():
-        for m in models.values():
-            once(m)
-        for order in rounds(models, repeats):
-            for k in order:
-                rates[k].append(once(models[k]))
-    return {k: statistics.median(v) for k, v in rates.items()}
+    def rate(m):
+        def run():  # (each token reaches the streamer as a CPU tensor: its time is taken after the GPU's work)
+            clock = _TokenClock()
+            m.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, streamer=clock,
+                       pad_token_id=0, attention_mask=torch.ones_like(prompt))
+            return (tokens - 1) / (clock.times[-1] - clock.times[1])
+        return run
+    return interleaved({k: rate(m) for k, m in models.items()}, repeats)
 
 
 def linear_seconds(models: dict, names, calls: dict, repeats) -> dict:
     """{variant: median over `repeats` calls (calls[variant]() runs the model) of the seconds spent
-    inside the named submodules}, timed in shuffled rounds across variants like time_interleaved."""
+    inside the named submodules}, in shuffled rounds across variants (interleaved)."""
     spent = {k: [0.0] for k in models}
     start = {}
     handles = []
@@ -403,20 +407,17 @@ def linear_seconds(models: dict, names, calls: dict, repeats) -> dict:
         for n in names:
             handles.append(mods[n].register_forward_pre_hook(before((k, n))))
             handles.append(mods[n].register_forward_hook(after(k, (k, n))))
-    times = {k: [] for k in models}
+    def inside(k):
+        def run():
+            spent[k][0] = 0.0
+            calls[k]()
+            return spent[k][0]
+        return run
     try:
-        with torch.no_grad():
-            for call in calls.values():
-                call()
-            for order in rounds(models, repeats):
-                for k in order:
-                    spent[k][0] = 0.0
-                    calls[k]()
-                    times[k].append(spent[k][0])
+        return interleaved({k: inside(k) for k in models}, repeats)
     finally:
         for h in handles:
             h.remove()
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def forward_memory(fns: dict) -> dict:
